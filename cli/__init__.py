@@ -1,0 +1,1 @@
+"""Command-line front ends. They only parse arguments and call the featcache / maskfer libraries."""

@@ -1,0 +1,40 @@
+"""Shared click helpers: KEY=VALUE parsing and turning library errors into clean exits."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+from rich.console import Console
+
+err_console = Console(stderr=True)
+
+
+def parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint=option)
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def friendly_errors(*error_types):
+    """Print known errors as one red line and exit 1 (tracebacks are for bugs, not bad input)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except error_types as e:
+                err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+                sys.exit(1)
+            except KeyboardInterrupt:
+                err_console.print("[yellow]interrupted[/]: everything already written is kept; rerun to resume")
+                sys.exit(130)
+
+        return wrapper
+
+    return deco

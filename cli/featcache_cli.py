@@ -1,0 +1,217 @@
+"""`featcache`: build, inspect and verify feature stores (argument parsing only)."""
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cli.common import err_console, friendly_errors, parse_pairs
+
+_ERRORS: tuple = ()
+
+
+def _errors():
+    global _ERRORS
+    if not _ERRORS:
+        from featcache.build import BuildError
+        from featcache.encoders import EncoderError
+        from featcache.images import ImageError
+        from featcache.journal import LockedError
+        from featcache.manifests import ManifestError
+        from featcache.store import StoreError
+
+        _ERRORS = (BuildError, EncoderError, ImageError, LockedError, ManifestError, StoreError)
+    return _ERRORS
+
+
+def _run(fn, *a, **kw):
+    return friendly_errors(*_errors())(fn)(*a, **kw)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="cafe-fer")
+def main():
+    """Run a frozen image encoder once over a FER dataset and cache its features in HDF5.
+
+    \b
+    Examples:
+      featcache build --dataset ferplus --root data/ferplus --out features.h5
+      featcache build --dataset muxspace --root data/muxspace --out features.h5 --on-error skip
+      featcache info features.h5
+      featcache verify features.h5
+    """
+
+
+@main.command()
+@click.option("--dataset", required=True, metavar="NAME_OR_MANIFEST",
+              help="Built-in manifest name (see `featcache manifests`) or a path to your own manifest .toml.")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="The dataset's top folder, as it ships.")
+@click.option("--out", default="features.h5", show_default=True, type=click.Path(dir_okay=False),
+              help="Store file; created, or completed when it exists.")
+@click.option("--model", default="openai/clip-vit-base-patch32", show_default=True,
+              help="Hub id or local dir of a transformers CLIP checkpoint, a registered encoder name "
+                   "(efficientnet-lite0) or a plug-in 'module:factory'.")
+@click.option("--name", default=None, help="Store the dataset under this name (default: the manifest's name).")
+@click.option("--encoder-key", default=None, help="Store key of these features (default: from the model name).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="Encoder compute precision; auto = fp16 on GPU, fp32 on CPU. Stored features are float32.")
+@click.option("--workers", default=None, type=click.IntRange(0),
+              help="Decode/preprocess worker processes [default: cores-1, at most 8].")
+@click.option("--image-size", default=None, type=click.IntRange(8),
+              help="Also store each image resized to SxS uint8, so training needs neither the root nor JPEG decoding.")
+@click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="Bad images and label rows: stop with a message, or record them in the store and go on.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Override a manifest parameter, e.g. --param vote_rule=plurality (FERPlus).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def build(dataset, root, out, model, name, encoder_key, batch_size, device, precision, workers, image_size,
+          on_error, params, quiet):
+    """Encode every image of a dataset once (image + horizontal flip) into the store.
+
+    Adds only what is missing: a new dataset, a new encoder, a new image size. A build that
+    is interrupted (Ctrl-C, kill -9, power loss) resumes where it stopped when run again.
+
+    \b
+    Examples:
+      featcache build --dataset ferplus --root ../shared/data/fer/ferplus --out features.h5
+      featcache build --dataset rafdb --root RAF-DB/basic --out features.h5 --image-size 112
+      featcache build --dataset my_manifest.toml --root my_data --model ./my-clip-checkpoint
+      featcache build --dataset ferplus --root ferplus --model efficientnet-lite0 --out effnet.h5
+    """
+    def go():
+        from featcache.build import build_store
+
+        r = build_store(out, dataset, root, model=model, name=name, encoder_key=encoder_key,
+                        batch_size=batch_size, device=device, workers=workers, image_size=image_size,
+                        on_error=on_error, params=parse_pairs(params, "--param"), precision=precision,
+                        progress=not quiet, log=lambda m: err_console.print(m, highlight=False, markup=False))
+        if r.up_to_date:
+            click.echo(f"{out}: dataset {r.dataset!r} with encoder {r.encoder_key!r} is already complete "
+                       f"({r.rows} rows); nothing to do.")
+            return
+        click.echo(f"{out}: dataset {r.dataset!r}: {r.rows} rows, encoder {r.encoder_key!r}"
+                   + (f", images {r.image_size}px" if r.image_size else "")
+                   + f"; encoded {r.encoded_now} now" + (f", {r.resumed_from} resumed" if r.resumed_from else "")
+                   + f" in {r.seconds:.1f}s")
+        if r.dropped:
+            click.echo("dropped (outside the 7 classes or unlabelled): "
+                       + ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items())))
+        if r.skipped:
+            click.echo(f"skipped {len(r.skipped)} item(s) (recorded in the store):")
+            for sid, where, reason in r.skipped[:20]:
+                click.echo(f"  {where}: {reason}")
+            if len(r.skipped) > 20:
+                click.echo(f"  ... {len(r.skipped) - 20} more (see `featcache info --json`)")
+
+    _run(go)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(file, as_json):
+    """Summarise a store: datasets, rows per split and class, encoders, dims, image sizes.
+
+    \b
+    Example:
+      featcache info features.h5 --json
+    """
+    def go():
+        from featcache.inspection import summarize
+        from featcache.store import open_store
+
+        with open_store(file) as s:
+            summary = summarize(s)
+            if as_json:
+                for name in summary["datasets"]:
+                    summary["datasets"][name]["skipped_items"] = [
+                        {"id": a, "where": b, "reason": c} for a, b, c in s.dataset(name).skipped]
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+            return
+        _print_summary(summary)
+
+    _run(go)
+
+
+def _print_summary(summary):
+    con = Console()
+    con.print(f"[bold]{summary['path']}[/] (store schema v{summary['schema_version']}, "
+              f"written by featcache {summary['tool_version']})", highlight=False)
+    from featcache.taxonomy import CLASSES
+
+    for name, d in summary["datasets"].items():
+        t = Table(title=f"{name}: {d['rows']} rows (manifest {d['manifest']}, root {d['root']})",
+                  title_justify="left")
+        t.add_column("split")
+        for c in CLASSES:
+            t.add_column(c, justify="right")
+        t.add_column("total", justify="right")
+        for s, counts in d["splits"].items():
+            t.add_row(s, *[str(counts[c]) for c in CLASSES], str(counts["total"]))
+        con.print(t)
+        for key, e in d["encoders"].items():
+            con.print(f"  encoder [bold]{key}[/]: {e['model']}  dim {e['dim']}  {e['dtype']}  views {e['views']}  "
+                      f"computed in {e['precision']}  fingerprint {e['fingerprint']}", highlight=False)
+        if not d["encoders"]:
+            con.print("  no encoder features yet")
+        con.print(f"  cached image sizes: {d['image_sizes'] or 'none'}")
+        if d["dropped"]:
+            con.print("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(d["dropped"].items())), highlight=False)
+        if d["skipped"]:
+            con.print(f"  skipped items: {d['skipped']} (`featcache info --json` lists them)")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--sample", default=8, show_default=True, type=click.IntRange(0),
+              help="Images per dataset and encoder to re-encode and compare (0: skip).")
+@click.option("--root", default=None, help="Dataset root if it moved since the build (one dataset stores only).")
+@click.option("--device", default="cpu", show_default=True)
+def verify(file, sample, root, device):
+    """Check a store: ids unique, labels valid, no NaN/inf, shapes, and a re-encoded sample matches.
+
+    Exits 1 when a check fails. A check that cannot run (root or model unavailable) is shown as
+    'not checked' and does not fail.
+
+    \b
+    Example:
+      featcache verify features.h5 --sample 16
+    """
+    def go():
+        from featcache.inspection import verify as run_verify
+        from featcache.store import open_store
+
+        with open_store(file) as s:
+            rows = run_verify(s, sample=sample, root=root, device=device)
+        failed = 0
+        for check, ok, detail in rows:
+            mark = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[yellow]not checked[/]"}[ok]
+            Console().print(f"{mark}  {check}: {detail}", highlight=False)
+            failed += ok is False
+        if failed:
+            err_console.print(f"[red]{failed} check(s) failed[/]")
+            raise SystemExit(1)
+
+    _run(go)
+
+
+@main.command()
+def manifests():
+    """List the built-in dataset manifests."""
+    def go():
+        from featcache.manifests import builtin_manifests, load_manifest
+
+        for n in builtin_manifests():
+            m = load_manifest(n)
+            click.echo(f"{n:16s} {m.kind:14s} {m.description}")
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    main()

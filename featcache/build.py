@@ -1,0 +1,404 @@
+"""The resumable build: list a dataset, decode in workers, encode once, commit atomically.
+
+Flow: manifest listing -> what the store lacks (dataset rows, this encoder's features,
+cached images) -> DataLoader workers decode + preprocess (overlapped with the encoder)
+-> encoder forward on the image and its horizontal flip -> journal shards (crash-safe)
+-> one commit that writes a new copy of the store and renames it over the old one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import featcache
+from featcache import store as st
+from featcache.encoders import Encoder, create_encoder, fingerprint
+from featcache.images import ImageError, load_image, resize_uint8
+from featcache.journal import Journal, store_lock
+from featcache.manifests import Item, load_manifest, list_items
+from featcache.progress import progress_bar
+from featcache.taxonomy import CLASSES
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+
+
+class BuildError(Exception):
+    """A build that cannot go on; the message names the file or row and what to do."""
+
+
+@dataclass
+class BuildReport:
+    store: Path
+    dataset: str
+    encoder_key: str | None
+    image_size: int | None
+    rows: int = 0
+    encoded_now: int = 0
+    resumed_from: int = 0
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    up_to_date: bool = False
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- workers
+class _DecodeDataset(Dataset):
+    """Decodes one image and prepares what the build needs from it; errors become records."""
+
+    def __init__(self, items: list[Item], work_idx: np.ndarray, preprocess, image_size: int | None):
+        self.items, self.work_idx = items, work_idx
+        self.preprocess, self.image_size = preprocess, image_size
+
+    def __len__(self) -> int:
+        return len(self.work_idx)
+
+    def __getitem__(self, k: int):
+        w = int(self.work_idx[k])
+        item = self.items[w]
+        try:
+            img = load_image(item.path, item.box)
+        except ImageError as e:
+            return w, None, None, str(e)
+        try:
+            pix = self.preprocess(img) if self.preprocess is not None else None
+            thumb = resize_uint8(img, self.image_size) if self.image_size else None
+        except Exception as e:  # a decodable image the preprocessing rejects (e.g. 1x1 px)
+            return w, None, None, f"{item.path}: preprocessing failed: {e}"
+        return w, pix, thumb, ""
+
+
+def _collate(batch):
+    idx = np.array([b[0] for b in batch], dtype=np.int64)
+    ok = np.array([not b[3] for b in batch], dtype=bool)
+    reasons = np.array([b[3] for b in batch], dtype=str)
+    pix = [b[1] for b in batch if not b[3] and b[1] is not None]
+    thumbs = [b[2] for b in batch if not b[3] and b[2] is not None]
+    return {
+        "idx": idx,
+        "ok": ok,
+        "reason": reasons,
+        "pixels": torch.stack(pix) if pix else None,
+        "images": np.stack(thumbs) if thumbs else None,
+    }
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # decode workers must not fight the encoder for cores
+
+
+# --------------------------------------------------------------------------- helpers
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BuildError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext(), "fp32"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype), precision
+
+
+def encode_views(enc: Encoder, pixels: torch.Tensor, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """Features of each image and of its horizontal flip: ``(B, 2, C)`` float32."""
+    ctx, _ = _autocast(device, precision)
+    with torch.inference_mode(), ctx:
+        x = pixels.to(device, non_blocking=True)
+        out = enc.module(torch.cat([x, x.flip(-1)]))
+    out = out.float().reshape(2, x.shape[0], -1).transpose(0, 1)
+    return out.cpu().numpy()
+
+
+def _listing_hash(items: list[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.id}\t{it.label}\t{it.split}\t{it.box}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class _Existing:
+    dataset_rows: list[str] | None = None  # stored ids, when the dataset is already there
+    manifest_sha: str | None = None
+    encoder_fp: dict[str, str] = field(default_factory=dict)
+    image_sizes: list[int] = field(default_factory=list)
+
+
+def _read_existing(out: Path, ds_name: str) -> _Existing:
+    ex = _Existing()
+    if not out.exists():
+        return ex
+    try:
+        f = h5py.File(out, "r")
+    except OSError as e:
+        raise BuildError(f"{out} exists but is not a readable HDF5 file ({e}); choose another --out") from e
+    with f:
+        st.check_schema(f, out)
+        if ds_name in f["datasets"]:
+            g = f["datasets"][ds_name]
+            ex.dataset_rows = g["ids"].asstr()[()].tolist()
+            ex.manifest_sha = g.attrs.get("manifest_sha256")
+            ex.encoder_fp = {k: g["encoders"][k].attrs["fingerprint"] for k in g["encoders"]}
+            ex.image_sizes = [int(k) for k in g["images"]]
+    return ex
+
+
+# --------------------------------------------------------------------------- the build
+def build_store(
+    out: str | os.PathLike,
+    dataset: str,
+    root: str | os.PathLike,
+    *,
+    model: str = DEFAULT_MODEL,
+    name: str | None = None,
+    encoder_key: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    workers: int | None = None,
+    image_size: int | None = None,
+    on_error: str = "fail",
+    params: dict[str, str] | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+    flush_seconds: float | None = None,
+    log=print,
+) -> BuildReport:
+    """Add ``dataset`` (features of ``model``, optionally images) to the store ``out``.
+
+    Adds only what is missing; resumes an interrupted build of the same plan.
+    """
+    t0 = time.perf_counter()
+    if on_error not in ("fail", "skip"):
+        raise BuildError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    out, root = Path(out), Path(root)
+    if flush_seconds is None:
+        flush_seconds = float(os.environ.get("FEATCACHE_FLUSH_SECONDS", "10"))
+    manifest = load_manifest(dataset, params)
+    ds_name = name or manifest.name
+    listing = list_items(manifest, root, on_error=on_error)
+    if not listing.items:
+        raise BuildError(f"dataset {manifest.name!r} under {root} has no labelled images to encode")
+    problems = [(p.item_id or "", p.where, p.reason) for p in listing.problems]
+
+    dev = resolve_device(device)
+    enc = create_encoder(model, device=str(dev))
+    enc.module.to(dev)
+    key = encoder_key or enc.name
+    fp = fingerprint(enc.metadata)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(out):
+        for stale in out.parent.glob(out.name + ".tmp-*"):  # a commit cut short by a kill
+            stale.unlink()
+        ex = _read_existing(out, ds_name)
+        report = BuildReport(out, ds_name, key, image_size, dropped=dict(listing.dropped))
+        new_dataset = ex.dataset_rows is None
+        if new_dataset:
+            work_items = listing.items
+        else:
+            if ex.manifest_sha != manifest.sha256:
+                raise BuildError(
+                    f"dataset {ds_name!r} in {out} was built from a different manifest "
+                    f"(sha256 {ex.manifest_sha} vs {manifest.sha256}: its params or labels differ). "
+                    f"Store this one side by side with --name {ds_name}-2, or use another --out."
+                )
+            by_id = {it.id: it for it in listing.items}
+            missing = [i for i in ex.dataset_rows if i not in by_id]
+            if missing:
+                raise BuildError(
+                    f"{len(missing)} image(s) stored for {ds_name!r} in {out} are no longer listed under {root} "
+                    f"(first: {missing[0]}); the dataset changed on disk. Build it under another --name."
+                )
+            work_items = [by_id[i] for i in ex.dataset_rows]
+        if key in ex.encoder_fp and ex.encoder_fp[key] != fp:
+            raise BuildError(
+                f"{out} already holds features for {ds_name!r} under encoder key {key!r} made by another "
+                f"encoder or processor (fingerprint {ex.encoder_fp[key]}, --model {model!r} gives {fp}). "
+                f"Pass --encoder-key NEW_KEY to store these features side by side."
+            )
+        need_feats = key not in ex.encoder_fp
+        need_images = bool(image_size) and image_size not in ex.image_sizes
+        if not (new_dataset or need_feats or need_images):
+            report.up_to_date, report.rows = True, len(work_items)
+            report.seconds = time.perf_counter() - t0
+            return report
+
+        plan = {
+            "dataset": ds_name,
+            "manifest_sha256": manifest.sha256,
+            "listing": _listing_hash(work_items),
+            "new_dataset": new_dataset,
+            "encoder": fp if need_feats else None,
+            "image_size": image_size if need_images else None,
+            "tool_version": featcache.__version__,
+        }
+        journal = Journal(out, plan)
+        journal.open()
+        n = len(work_items)
+        done = journal.done_mask(n)
+        report.resumed_from = int(done.sum())
+        if report.resumed_from:
+            log(f"resuming: {report.resumed_from}/{n} images already encoded in {journal.dir}")
+        todo = np.flatnonzero(~done)
+        if len(todo):
+            report.encoded_now = _run(
+                enc, dev, precision, work_items, todo, journal, need_feats, image_size if need_images else None,
+                batch_size, _default_workers() if workers is None else workers, on_error, flush_seconds,
+                progress, ds_name, allow_skip=new_dataset,
+            )
+        _commit(out, journal, manifest, root, ds_name, work_items, new_dataset, listing.dropped, problems,
+                key if need_feats else None, enc, fp, precision, dev, image_size if need_images else None, report)
+        journal.remove()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run(enc, dev, precision, items, todo, journal, need_feats, image_size, batch_size, workers, on_error,
+         flush_seconds, progress, ds_name, allow_skip) -> int:
+    dataset = _DecodeDataset(items, todo, enc.preprocess if need_feats else None, image_size)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None, pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    seq = journal.next_seq()
+    pending: list[dict] = []
+    last_flush = time.monotonic()
+    encoded = 0
+
+    def flush():
+        nonlocal seq, pending, last_flush
+        if pending:
+            arrays = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            journal.write_shard(seq, **arrays)
+            seq += 1
+            pending = []
+        last_flush = time.monotonic()
+
+    with progress_bar(f"encoding {ds_name}", total=len(todo), enabled=progress) as advance:
+        try:
+            for batch in loader:
+                ok = batch["ok"]
+                if not ok.all():
+                    bad = int(np.flatnonzero(~ok)[0])
+                    reason = str(batch["reason"][bad])
+                    if on_error == "fail" or not allow_skip:
+                        hint = (
+                            "rerun with --on-error skip to record and skip it"
+                            if allow_skip
+                            else "this image is already a row of the stored dataset, so it cannot be skipped now: "
+                            "fix or restore the file"
+                        )
+                        raise BuildError(f"cannot encode {reason}; {hint}. Images encoded so far are kept.")
+                rec = {"idx": batch["idx"], "ok": ok, "reason": batch["reason"]}
+                if need_feats:
+                    feats = np.zeros((len(ok), 2, enc.dim), dtype=np.float32)
+                    if batch["pixels"] is not None:
+                        feats[ok] = encode_views(enc, batch["pixels"], dev, precision)
+                    rec["feats"] = feats
+                if image_size:
+                    imgs = np.zeros((len(ok), image_size, image_size, 3), dtype=np.uint8)
+                    if batch["images"] is not None:
+                        imgs[ok] = batch["images"]
+                    rec["images"] = imgs
+                pending.append(rec)
+                encoded += int(ok.sum())
+                advance(len(ok))
+                if time.monotonic() - last_flush >= flush_seconds:
+                    flush()
+        finally:
+            flush()  # on any exit, a finished batch is never lost
+    return encoded
+
+
+def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, problems, feat_key, enc, fp,
+            precision, dev, image_size, report) -> None:
+    """Write a new copy of the store with the journal's results and rename it over the old one."""
+    n = len(items)
+    ok = np.zeros(n, dtype=bool)
+    reasons = np.full(n, "", dtype=object)
+    for sh in journal.shards():
+        ok[sh["idx"]] = sh["ok"]
+        reasons[sh["idx"]] = sh["reason"]
+    failed = [(items[i].id, str(items[i].path), str(reasons[i])) for i in np.flatnonzero(~ok)]
+    row_of = np.cumsum(ok) - 1  # work index -> store row (failed items get no row)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if out.exists():
+        shutil.copyfile(out, tmp)
+    try:
+        with h5py.File(tmp, "a") as f:
+            st.init_file(f, featcache.__version__)
+            if new_dataset:
+                kept = [items[i] for i in np.flatnonzero(ok)]
+                g = st.write_dataset(
+                    f, ds_name,
+                    ids=[it.id for it in kept],
+                    labels=np.array([it.label for it in kept], dtype=np.int8),
+                    splits=[it.split for it in kept],
+                    skipped=list(problems) + failed,
+                    attrs={
+                        "manifest_name": manifest.name,
+                        "manifest_sha256": manifest.sha256,
+                        "manifest": {"name": manifest.name, "kind": manifest.kind, "params": manifest.params,
+                                     "labels": manifest.labels},
+                        "root": str(root.resolve()),
+                        "class_names": list(CLASSES),
+                        "dropped": dropped,
+                        "tool_version": featcache.__version__,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                )
+            else:
+                g = f["datasets"][ds_name]
+            rows = int(ok.sum())
+            fdset = idset = None
+            if feat_key:
+                _, used = _autocast(dev, precision)
+                fdset = st.create_features(g, feat_key, rows, enc.dim, {
+                    "metadata": enc.metadata, "fingerprint": fp, "dim": enc.dim, "dtype": "float32",
+                    "views": list(st.VIEWS), "compute_precision": used, "device": dev.type,
+                    "spec": enc.metadata.get("model", ""), "tool_version": featcache.__version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                })
+            if image_size:
+                idset = st.create_images(g, image_size, rows)
+            for sh in journal.shards():
+                good = sh["ok"]
+                r = row_of[sh["idx"][good]]
+                order = np.argsort(r)
+                r = r[order]
+                sel = slice(int(r[0]), int(r[-1]) + 1) if len(r) and r[-1] - r[0] + 1 == len(r) else r
+                if not len(r):
+                    continue
+                if fdset is not None:
+                    fdset[sel] = sh["feats"][good][order]
+                if idset is not None:
+                    idset[sel] = sh["images"][good][order]
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    report.rows = int(ok.sum())
+    report.skipped = list(problems) + failed

@@ -1,0 +1,89 @@
+"""Decode one image file into RGB, with errors that name the file and say what is wrong with it.
+
+Listing (featcache.manifests) only checks that files exist; everything that needs the pixels
+goes through :func:`load_image`, so a zero-byte, truncated or mislabelled file fails here,
+once, with a reason a person can act on.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageError(Exception):
+    """An image that cannot be decoded. Picklable (args are path, reason) for worker processes."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(str(path), reason)
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def load_image(path: str | os.PathLike, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """Fully decoded RGB image, cropped to the ``(x, y, w, h)`` box (clamped to the image) if given.
+
+    EXIF orientation is deliberately not applied: dataset face boxes refer to the stored pixels.
+    """
+    path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageError(path, "zero-byte file (empty): the download or copy is incomplete")
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and not in a worker later
+            rgb = _to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied: the file cannot be read") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, f"not an image: the contents are not a format Pillow can read{_peek(path)}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports broken data as OSError/SyntaxError
+        raise ImageError(path, f"truncated or corrupt image data ({e})") from None
+    return rgb if box is None else _crop(path, rgb, box)
+
+
+def resize_uint8(img: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the image squashed (aspect not kept) with bilinear filtering."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # convert("RGB") would clip 16-bit and float grey to 255; scale into 0..255 first.
+        grey = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(grey.max()), 255.0)
+        img = Image.fromarray(np.clip(grey * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")  # palette transparency needs RGBA first, or Pillow warns
+    return img.convert("RGB")  # a new image, detached from the file
+
+
+def _crop(path: Path, img: Image.Image, box) -> Image.Image:
+    x, y, w, h = (int(v) for v in box)
+    left, top = max(0, x), max(0, y)
+    right, bottom = min(img.width, x + w), min(img.height, y + h)
+    if right <= left or bottom <= top:
+        raise ImageError(path, f"face box (x={x}, y={y}, w={w}, h={h}) lies outside the "
+                               f"{img.width}x{img.height} image")
+    return img.crop((left, top, right, bottom))
+
+
+def _peek(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return ""
+    return f" (starts with {head!r})" if head else ""

@@ -1,0 +1,110 @@
+"""`featcache info` and `featcache verify`: summarise and check a store."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from featcache.store import Store
+from featcache.taxonomy import CLASSES
+
+
+def summarize(store: Store) -> dict:
+    """A JSON-able summary: datasets, rows per split and class, encoders, image sizes."""
+    out = {"path": str(store.path), "schema_version": int(store.attrs["schema_version"]),
+           "tool_version": str(store.attrs.get("tool_version", "")), "datasets": {}}
+    for name in store.datasets():
+        ds = store.dataset(name)
+        labels, splits = ds.labels, ds.splits
+        per_split = {}
+        for s in ds.split_names():
+            counts = np.bincount(labels[splits == s], minlength=len(CLASSES))
+            per_split[s] = {"total": int(counts.sum()), **{c: int(k) for c, k in zip(CLASSES, counts)}}
+        encs = {}
+        for key in ds.encoders():
+            info = ds.encoder_info(key)
+            encs[key] = {"model": info.get("spec", ""), "dim": int(info["dim"]), "dtype": info["dtype"],
+                         "views": info["views"], "fingerprint": info["fingerprint"],
+                         "precision": info.get("compute_precision", "")}
+        a = ds.attrs
+        out["datasets"][name] = {
+            "rows": len(ds), "manifest": a.get("manifest_name"), "manifest_sha256": a.get("manifest_sha256"),
+            "root": a.get("root"), "splits": per_split, "dropped": a.get("dropped", {}),
+            "skipped": len(ds.skipped), "encoders": encs, "image_sizes": ds.image_sizes(),
+        }
+    return out
+
+
+def verify(store: Store, sample: int = 8, root: str | None = None, device: str = "cpu", seed: int = 0,
+           reencode: bool = True, atol: float = 1e-3) -> list[tuple[str, bool, str]]:
+    """Integrity checks; returns (check, passed, detail) rows. Re-encoding a sample needs the
+    dataset root and the encoder; when either is missing that check says so and is not counted as passed."""
+    results: list[tuple[str, bool | None, str]] = []
+    for name in store.datasets():
+        ds = store.dataset(name)
+        ids = ds.ids
+        dup = [k for k, v in Counter(ids.tolist()).items() if v > 1]
+        results.append((f"{name}: ids unique", not dup, f"{len(ids)} ids" + (f", duplicates e.g. {dup[:3]}" if dup else "")))
+        lab = ds.labels
+        bad = np.flatnonzero((lab < 0) | (lab >= len(CLASSES)))
+        results.append((f"{name}: labels in 0..{len(CLASSES) - 1}", bad.size == 0,
+                        "ok" if bad.size == 0 else f"{bad.size} bad, first row {bad[0]} ({ids[bad[0]]})"))
+        empty = np.flatnonzero(ds.splits == "")
+        results.append((f"{name}: splits set", empty.size == 0, f"{ds.split_names()}"))
+        for key in ds.encoders():
+            info = ds.encoder_info(key)
+            d = ds.group["encoders"][key]["features"]
+            nonfinite, first = 0, None
+            for start in range(0, d.shape[0], 8192):  # chunked: memory flat for any store size
+                blk = d[start:start + 8192]
+                rows = np.flatnonzero(~np.isfinite(blk).all(axis=(1, 2)))
+                if rows.size and first is None:
+                    first = start + int(rows[0])
+                nonfinite += rows.size
+            results.append((f"{name}/{key}: features finite", nonfinite == 0,
+                            "ok" if not nonfinite else f"{nonfinite} rows with NaN/inf, first {ids[first]}"))
+            results.append((f"{name}/{key}: shape", d.shape == (len(ds), 2, int(info["dim"])), str(d.shape)))
+            if reencode and sample:
+                results.append(_reencode(ds, key, info, sample, root, device, seed, atol))
+    return results
+
+
+def _reencode(ds, key, info, sample, root, device, seed, atol):
+    from pathlib import Path
+
+    from featcache.build import encode_views
+    from featcache.encoders import create_encoder, fingerprint
+    from featcache.images import ImageError, load_image
+    from featcache.manifests import Manifest, list_items, load_manifest
+
+    check = f"{ds.name}/{key}: {sample} re-encoded match"
+    root = Path(root or ds.root)
+    if not root.exists():
+        return (check, None, f"not checked: dataset root {root} not found (pass --root)")
+    try:
+        enc = create_encoder(info["spec"], device=device)
+    except Exception as e:  # noqa: BLE001 - any load failure only means "cannot check"
+        return (check, None, f"not checked: cannot load encoder {info['spec']!r}: {e}")
+    if fingerprint(enc.metadata) != info["fingerprint"]:
+        return (check, False, f"encoder {info['spec']!r} now has fingerprint {fingerprint(enc.metadata)}, "
+                              f"store has {info['fingerprint']}")
+    enc.module.to(device)
+    m = ds.attrs["manifest"]
+    try:
+        manifest = load_manifest(m["name"], m["params"])
+    except Exception:  # noqa: BLE001 - a user manifest file may have moved
+        return (check, None, f"not checked: manifest {m['name']!r} not found")
+    items = {it.id: it for it in list_items(manifest, root, on_error="skip").items}
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(ds), size=min(sample, len(ds)), replace=False))
+    stored = ds.features(key, rows)
+    try:
+        pix = [enc.preprocess(load_image(items[i].path, items[i].box)) for i in ds.ids[rows]]
+    except (KeyError, ImageError) as e:
+        return (check, False, f"sample image no longer readable: {e}")
+    import torch
+
+    fresh = encode_views(enc, torch.stack(pix), torch.device(device))
+    err = float(np.abs(fresh - stored).max())
+    scale = float(np.abs(stored).max()) or 1.0
+    return (check, err <= atol * max(1.0, scale), f"max abs diff {err:.2e} (scale {scale:.2e})")

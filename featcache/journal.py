@@ -1,0 +1,110 @@
+"""Crash-safe progress of one build: numbered shard files beside the store.
+
+HDF5 files can be corrupted by a process killed mid-write, so a build never writes the
+published store while it runs. Each batch of results goes to ``<store>.journal/<plan>/``
+as a shard written to a temporary name, fsynced, then atomically renamed. A SIGKILL at
+any moment leaves only complete shards (and maybe a temp file, removed on restart).
+The plan directory is named by a hash of everything that decides the results, so a
+journal is only ever resumed by the same build.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+class LockedError(Exception):
+    pass
+
+
+@contextmanager
+def store_lock(store_path: Path):
+    """One writer per store; the kernel drops the lock when the process dies (even SIGKILL)."""
+    lock_path = Path(str(store_path) + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(
+                f"another featcache build is writing {store_path} (lock {lock_path} is held); "
+                "wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def plan_hash(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    def __init__(self, store_path: Path, plan: dict):
+        self.root = Path(str(store_path) + ".journal")
+        self.dir = self.root / plan_hash(plan)
+        self.plan = plan
+
+    def open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        plan_file = self.dir / "plan.json"
+        if not plan_file.exists():
+            tmp = self.dir / "plan.json.tmp"
+            tmp.write_text(json.dumps(self.plan, sort_keys=True, indent=1))
+            os.replace(tmp, plan_file)
+        for stale in self.dir.glob("*.tmp*"):  # a write cut short by a kill
+            stale.unlink()
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
+
+    def done_mask(self, n: int) -> np.ndarray:
+        done = np.zeros(n, dtype=bool)
+        for p in self.shard_paths():
+            with np.load(p) as z:
+                done[z["idx"]] = True
+        return done
+
+    def write_shard(self, seq: int, **arrays: np.ndarray) -> Path:
+        final = self.dir / f"shard-{seq:09d}.npz"
+        tmp = self.dir / f"shard-{seq:09d}.tmp.npz"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        return final
+
+    def next_seq(self) -> int:
+        paths = self.shard_paths()
+        return int(paths[-1].name[6:15]) + 1 if paths else 0
+
+    def shards(self) -> Iterator[dict[str, np.ndarray]]:
+        """Shards one at a time, so committing needs memory for one shard, not the dataset."""
+        for p in self.shard_paths():
+            with np.load(p, allow_pickle=False) as z:
+                yield {k: z[k] for k in z.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.root.rmdir()  # only when no other plan is pending
+        except OSError:
+            pass

@@ -1,0 +1,307 @@
+"""The HDF5 feature store: schema (versioned, see docs/store_format.md) and the read API.
+
+Readers open the file lazily and once per process, so a Store can be handed to
+DataLoader workers: h5py handles do not survive fork, so a handle opened in the parent
+is never reused in a child (the pid is checked on every access).
+Writers never modify a published store in place: featcache.build writes a new copy and
+atomically renames it over the old one, so readers always see a complete file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+SCHEMA_NAME = "featcache"
+SCHEMA_VERSION = 1
+VIEWS = ("orig", "flip")
+
+_STR = h5py.string_dtype("utf-8")
+
+
+class StoreError(Exception):
+    """A store that is missing, unreadable, of another schema, or lacks what was asked for."""
+
+
+# --------------------------------------------------------------------------- writing helpers
+def init_file(f: h5py.File, tool_version: str) -> None:
+    """Stamp a new file with the schema; check an existing one."""
+    if "schema" not in f.attrs:
+        f.attrs["schema"] = SCHEMA_NAME
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["tool_version"] = tool_version
+        f.require_group("datasets")
+    else:
+        check_schema(f, f.filename)
+
+
+def check_schema(f: h5py.File, path: str | os.PathLike) -> None:
+    name = f.attrs.get("schema")
+    version = f.attrs.get("schema_version")
+    if name != SCHEMA_NAME:
+        raise StoreError(f"{path} is an HDF5 file but not a featcache store (no 'schema=featcache' attribute)")
+    if int(version) != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} uses featcache store schema v{version}; this featcache reads v{SCHEMA_VERSION}. "
+            "Rebuild the store or install the matching featcache version."
+        )
+
+
+def write_dataset(
+    f: h5py.File,
+    name: str,
+    *,
+    ids: Sequence[str],
+    labels: np.ndarray,
+    splits: Sequence[str],
+    attrs: dict,
+    skipped: Sequence[tuple[str, str, str]] = (),
+) -> h5py.Group:
+    """Create the dataset group with its rows (ids, labels, splits) and provenance."""
+    g = f["datasets"].create_group(name)
+    g.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
+    g.create_dataset("labels", data=np.asarray(labels, dtype=np.int8))
+    g.create_dataset("splits", data=np.asarray(splits, dtype=object), dtype=_STR)
+    sk = np.asarray([list(s) for s in skipped], dtype=object).reshape(-1, 3)
+    g.create_dataset("skipped", data=sk, dtype=_STR)  # columns: id, where, reason
+    for k, v in attrs.items():
+        g.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)
+    g.require_group("encoders")
+    g.require_group("images")
+    return g
+
+
+def create_features(g: h5py.Group, key: str, n: int, dim: int, attrs: dict) -> h5py.Dataset:
+    eg = g["encoders"].create_group(key)
+    for k, v in attrs.items():
+        eg.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)
+    rows = max(1, min(n, 4096))
+    return eg.create_dataset("features", shape=(n, len(VIEWS), dim), dtype=np.float32, chunks=(rows, len(VIEWS), dim))
+
+
+def create_images(g: h5py.Group, size: int, n: int) -> h5py.Dataset:
+    # One image per chunk: training reads random batches, so chunks must not span images.
+    return g["images"].create_dataset(str(size), shape=(n, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3))
+
+
+# --------------------------------------------------------------------------- reading
+class Store:
+    """A read-only view of a feature store. Cheap to create and to pickle."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"feature store {self.path} does not exist (create it with `featcache build`)")
+        self._pid: int | None = None
+        self._file: h5py.File | None = None
+        self.file  # fail early on a file that is not a store
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._pid, self._file = None, None
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as e:
+                raise StoreError(f"cannot open feature store {self.path}: {e}") from e
+            self._pid = os.getpid()
+            check_schema(self._file, self.path)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file, self._pid = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.file.attrs)
+
+    def datasets(self) -> list[str]:
+        return sorted(self.file["datasets"].keys())
+
+    def dataset(self, name: str) -> "DatasetView":
+        if name not in self.file["datasets"]:
+            have = ", ".join(self.datasets()) or "none"
+            raise StoreError(
+                f"store {self.path} has no dataset {name!r} (it has: {have}). "
+                f"Add it with `featcache build --dataset {name} --root DIR --out {self.path}`."
+            )
+        return DatasetView(self, name)
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a feature store for reading."""
+    return Store(path)
+
+
+def _attr(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class DatasetView:
+    """One dataset of a store. Row order is fixed at build time; ``indices`` select rows."""
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.name = store, name
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {"store": self.store, "name": self.name}
+
+    def __setstate__(self, state):
+        self.store, self.name, self._cache = state["store"], state["name"], {}
+
+    @property
+    def group(self) -> h5py.Group:
+        return self.store.file["datasets"][self.name]
+
+    def _column(self, key: str, as_str: bool) -> np.ndarray:
+        if key not in self._cache:
+            d = self.group[key]
+            self._cache[key] = d.asstr()[()] if as_str else d[()]
+        return self._cache[key]
+
+    @property
+    def attrs(self) -> dict:
+        return {k: _attr(v) for k, v in self.group.attrs.items()}
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._column("ids", True)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._column("labels", False).astype(np.int64)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self._column("splits", True)
+
+    @property
+    def skipped(self) -> list[tuple[str, str, str]]:
+        return [tuple(r) for r in self.group["skipped"].asstr()[()].tolist()]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def root(self) -> str:
+        return self.attrs.get("root", "")
+
+    @property
+    def manifest_name(self) -> str:
+        return self.attrs.get("manifest_name", "")
+
+    def __len__(self) -> int:
+        return int(self.group["ids"].shape[0])
+
+    def split_names(self) -> list[str]:
+        return sorted(set(self.splits.tolist()))
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        if split in (None, "all") and "all" not in self.split_names():
+            return np.arange(len(self), dtype=np.int64)
+        sel = np.flatnonzero(self.splits == split)
+        if sel.size == 0:
+            raise StoreError(
+                f"dataset {self.name!r} in {self.store.path} has no split {split!r} "
+                f"(splits: {', '.join(self.split_names())}; 'all' selects every row)"
+            )
+        return sel.astype(np.int64)
+
+    def index_of(self, ids: Iterable[str]) -> np.ndarray:
+        lookup = {s: i for i, s in enumerate(self.ids.tolist())}
+        out = []
+        for s in ids:
+            if s not in lookup:
+                raise StoreError(f"dataset {self.name!r} has no image id {s!r}")
+            out.append(lookup[s])
+        return np.asarray(out, dtype=np.int64)
+
+    # ---- encoders
+    def encoders(self) -> list[str]:
+        return sorted(self.group["encoders"].keys())
+
+    def _encoder_group(self, key: str) -> h5py.Group:
+        if key not in self.group["encoders"]:
+            have = ", ".join(self.encoders()) or "none"
+            raise StoreError(
+                f"dataset {self.name!r} in {self.store.path} has no features from encoder {key!r} "
+                f"(encoders: {have}). Build them with `featcache build --model ...`."
+            )
+        return self.group["encoders"][key]
+
+    def encoder_info(self, key: str) -> dict:
+        eg = self._encoder_group(key)
+        info = {k: _attr(v) for k, v in eg.attrs.items()}
+        info["shape"] = tuple(eg["features"].shape)
+        return info
+
+    def features(
+        self, key: str, indices: np.ndarray | None = None, views: Sequence[str] = VIEWS
+    ) -> np.ndarray:
+        """Features ``(n, len(views), C)`` float32 for the given rows (all rows by default)."""
+        d = self._encoder_group(key)["features"]
+        bad = [v for v in views if v not in VIEWS]
+        if bad:
+            raise StoreError(f"unknown view(s) {bad}; stored views are {list(VIEWS)}")
+        vi = [VIEWS.index(v) for v in views]
+        arr = d[()] if indices is None else _take(d, np.asarray(indices))
+        return np.ascontiguousarray(arr[:, vi, :])
+
+    # ---- images
+    def image_sizes(self) -> list[int]:
+        return sorted(int(k) for k in self.group["images"].keys())
+
+    def images(self, size: int, indices: np.ndarray | None = None) -> np.ndarray:
+        key = str(int(size))
+        if key not in self.group["images"]:
+            have = ", ".join(map(str, self.image_sizes())) or "none"
+            raise StoreError(
+                f"dataset {self.name!r} in {self.store.path} has no cached images of size {size} "
+                f"(sizes: {have}). Rebuild with `featcache build --image-size {size}` or pass --root."
+            )
+        d = self.group["images"][key]
+        return d[()] if indices is None else _take(d, np.asarray(indices))
+
+
+def _take(d: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
+    """Fancy-index an HDF5 dataset with any order and repeats (h5py needs sorted unique)."""
+    indices = indices.astype(np.int64).ravel()
+    if indices.size == 0:
+        return np.empty((0,) + d.shape[1:], dtype=d.dtype)
+    uniq, inverse = np.unique(indices, return_inverse=True)
+    if uniq[0] < 0 or uniq[-1] >= d.shape[0]:
+        raise StoreError(f"row index out of range 0..{d.shape[0] - 1} in {d.name}")
+    if uniq.size == uniq[-1] - uniq[0] + 1:  # contiguous: one slice read is much faster
+        block = d[int(uniq[0]) : int(uniq[-1]) + 1]
+    else:
+        block = d[uniq]
+    return block[inverse]

@@ -1,0 +1,164 @@
+"""Training/evaluation data read through featcache's store API only.
+
+Features (n, 2, C) for a split are small (4 KiB per image at C=512) and live in memory.
+Images come from the store's image cache (in memory when they fit, else read per batch
+from HDF5) or, when the store has none, are decoded from the dataset root through the
+manifest the store recorded.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache import StoreError, open_store
+from featcache.store import DatasetView
+
+IN_MEMORY_LIMIT = 4 * 1024**3  # bytes of cached images we are willing to hold in RAM
+
+
+class DataError(Exception):
+    pass
+
+
+class ImageBank:
+    """uint8 images (B, S, S, 3) for store rows."""
+
+    size: int
+
+    def get(self, rows: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MemoryBank(ImageBank):
+    def __init__(self, images: np.ndarray):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.size = int(images.shape[1])
+        self.rows: dict[int, int] | None = None
+
+    def get(self, rows: np.ndarray) -> torch.Tensor:
+        return self.images[torch.as_tensor(rows, dtype=torch.long)]
+
+
+class StoreBank(ImageBank):
+    def __init__(self, ds: DatasetView, size: int):
+        self.ds, self.size = ds, size
+
+    def get(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.ds.images(self.size, rows))
+
+
+class RootBank(ImageBank):
+    """Decodes from the dataset root (no image cache in the store); threads overlap file I/O."""
+
+    def __init__(self, paths: list[Path], boxes: list, size: int, workers: int):
+        self.paths, self.boxes, self.size = paths, boxes, size
+        self.pool = ThreadPoolExecutor(max(1, workers)) if workers else None
+
+    def _one(self, i: int) -> np.ndarray:
+        from featcache.images import load_image, resize_uint8
+
+        return resize_uint8(load_image(self.paths[i], self.boxes[i]), self.size)
+
+    def get(self, rows: np.ndarray) -> torch.Tensor:
+        rows = [int(r) for r in rows]
+        imgs = list(self.pool.map(self._one, rows)) if self.pool else [self._one(r) for r in rows]
+        return torch.from_numpy(np.stack(imgs))
+
+
+@dataclass
+class SplitData:
+    name: str               # "ferplus:train"
+    dataset: str
+    split: str
+    rows: np.ndarray        # store rows of this split
+    ids: np.ndarray
+    labels: torch.Tensor    # (n,) long
+    feats: torch.Tensor     # (n, 2, C) float32: original and flipped view
+    bank: ImageBank | None  # indexed by store row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def resolve_encoder(ds: DatasetView, key: str | None) -> str:
+    keys = ds.encoders()
+    if key is None:
+        if len(keys) != 1:
+            raise DataError(
+                f"dataset {ds.name!r} in {ds.store.path} has {len(keys)} encoders ({', '.join(keys) or 'none'}); "
+                "pick one with --encoder KEY" if keys else
+                f"dataset {ds.name!r} in {ds.store.path} has no encoder features; run `featcache build` first"
+            )
+        return keys[0]
+    if key not in keys:
+        raise DataError(f"dataset {ds.name!r} in {ds.store.path} has no encoder {key!r} "
+                        f"(it has: {', '.join(keys) or 'none'})")
+    return key
+
+
+def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | None, workers: int) -> ImageBank:
+    sizes = ds.image_sizes()
+    if sizes:
+        # Prefer the smallest cached size that is at least the training size; resizing down is cheap.
+        fitting = [s for s in sizes if s >= image_size]
+        size = min(fitting) if fitting else max(sizes)
+        n_bytes = len(ds) * size * size * 3
+        if n_bytes <= IN_MEMORY_LIMIT:
+            return MemoryBank(ds.images(size))
+        return StoreBank(ds, size)
+    from featcache.manifests import load_manifest, list_items
+
+    root_dir = Path(root or ds.root)
+    if not root_dir.exists():
+        raise DataError(
+            f"dataset {ds.name!r} has no cached images in {ds.store.path} and its root {root_dir} is not there: "
+            "pass --root DATASET_DIR, or rebuild the store with `featcache build --image-size S`"
+        )
+    m = ds.attrs["manifest"]
+    items = {it.id: it for it in list_items(load_manifest(m["name"], m["params"]), root_dir, on_error="skip").items}
+    missing = [i for i in ds.ids if i not in items]
+    if missing:
+        raise DataError(f"{len(missing)} stored image(s) of {ds.name!r} are not under {root_dir} (first {missing[0]})")
+    paths = [items[i].path for i in ds.ids]
+    boxes = [items[i].box for i in ds.ids]
+    return RootBank(paths, boxes, image_size, workers)
+
+
+def load_split(store_path: str, spec: str, default_split: str, encoder: str | None, need_images: bool,
+               image_size: int, root: str | None = None, workers: int = 0) -> tuple[SplitData, dict]:
+    """Load one DATASET[:SPLIT]; returns the data and the encoder's store metadata."""
+    from maskfer.config import split_spec
+
+    name, split = split_spec(spec, default_split)
+    store = open_store(store_path)
+    ds = store.dataset(name)
+    if split not in ds.split_names() and split != "all":
+        # A dataset without splits (muxspace, CK+) is all test data: allow 'test' to mean 'all'.
+        if ds.split_names() == ["all"] and split == "test":
+            split = "all"
+    try:
+        rows = ds.indices(split)
+    except StoreError as e:
+        raise DataError(str(e)) from None
+    if rows.size == 0:
+        raise DataError(f"split {name}:{split} in {store_path} is empty")
+    key = resolve_encoder(ds, encoder)
+    info = ds.encoder_info(key)
+    feats = ds.features(key, rows)
+    bad = ~np.isfinite(feats).all(axis=(1, 2))
+    if bad.any():
+        raise DataError(
+            f"{bad.sum()} feature rows of {name}:{split} (encoder {key}) contain NaN/inf, first id {ds.ids[rows][bad][0]!r}; "
+            f"run `featcache verify {store_path}` and rebuild that dataset"
+        )
+    labels = ds.labels[rows]
+    if ((labels < 0) | (labels >= len(ds.class_names))).any():
+        raise DataError(f"labels of {name}:{split} are outside 0..{len(ds.class_names) - 1}; the store is damaged")
+    bank = _image_bank(ds, rows, image_size, root, workers) if need_images else None
+    data = SplitData(f"{name}:{split}", name, split, rows, ds.ids[rows], torch.from_numpy(labels),
+                     torch.from_numpy(feats), bank)
+    return data, {"key": key, **info}

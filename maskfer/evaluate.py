@@ -1,0 +1,167 @@
+"""Cross-dataset evaluation: metrics per test set and the table (rows = runs, columns = test sets).
+
+Classes missing from a test set (CK+ has no neutral) get no per-class accuracy; mean class
+accuracy averages over the classes present, and the result says which were absent.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.taxonomy import CLASSES
+from maskfer import rundir
+from maskfer.augment import prepare_images
+from maskfer.config import TrainConfig
+from maskfer.data import DataError, SplitData, load_split
+
+
+class EvalError(Exception):
+    pass
+
+
+@torch.no_grad()
+def predict_logits(model, data: SplitData, image_size: int, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    out = []
+    for s in range(0, len(data), batch_size):
+        pos = torch.arange(s, min(s + batch_size, len(data)))
+        feats = data.feats[pos, 0].to(device)  # evaluation uses the original (unflipped) view
+        x = None
+        if data.bank is not None:
+            x = prepare_images(data.bank.get(data.rows[pos.numpy()]).to(device), image_size)
+        out.append(model(x, feats)["logits"].float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(CLASSES)) -> dict:
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    support = cm.sum(1)
+    present = support > 0
+    per_class = {c: (float(cm[i, i] / support[i]) if present[i] else None) for i, c in enumerate(CLASSES)}
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
+        "mean_class_accuracy": float(np.mean([cm[i, i] / support[i] for i in np.flatnonzero(present)])),
+        "per_class_accuracy": per_class,
+        "support": {c: int(s) for c, s in zip(CLASSES, support)},
+        "absent_classes": [c for c, p in zip(CLASSES, present) if not p],
+        "confusion": cm.tolist(),  # rows = true class, columns = predicted, in CLASSES order
+    }
+
+
+def evaluate_split(model, data: SplitData, image_size: int, device: torch.device) -> dict:
+    logits = predict_logits(model, data, image_size, device)
+    return metrics(data.labels.numpy(), logits.argmax(1).numpy())
+
+
+def load_run(run: Path, device: torch.device):
+    """(model, config, stored config json) of a run directory's last checkpoint."""
+    from maskfer.train import build_model
+
+    run = Path(run)
+    if not (run / rundir.CONFIG).exists():
+        raise EvalError(f"{run} is not a maskfer run directory (no {rundir.CONFIG}); train one with `maskfer train`")
+    if not (run / rundir.LAST).exists():
+        raise EvalError(f"run {run} has no checkpoint yet (training has not finished an epoch)")
+    stored = rundir.read_json(run / rundir.CONFIG)
+    cfg = TrainConfig.from_dict(stored["config"])
+    model = build_model(cfg, int(stored["feat_dim"]))
+    sd, _, meta = rundir.load_checkpoint(run / rundir.LAST)
+    model.load_state_dict(sd)
+    stored["checkpoint_epoch"] = int(meta["epoch"])
+    return model.to(device).eval(), cfg, stored
+
+
+def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str = "auto", trainer=None, log=print) -> dict:
+    """Evaluate a run on test sets of a store; writes and returns results.json."""
+    from maskfer.train import resolve_device, uses_images
+
+    run = Path(run)
+    dev = resolve_device(device) if trainer is None else trainer.device
+    model, cfg, stored = load_run(run, dev)
+    cache = cache or cfg.cache
+    res = {"run": str(run), "train": cfg.train, "method": cfg.method, "label": run_label(cfg),
+           "epochs_trained": stored["checkpoint_epoch"] + 1, "encoder": stored["encoder"], "tests": {}}
+    for spec in tests:
+        try:
+            data, info = load_split(cache, spec, "test", stored["encoder"]["key"], uses_images(cfg), cfg.image_size,
+                                    cfg.root, cfg.workers)
+        except DataError as e:
+            raise EvalError(str(e)) from None
+        if info.get("fingerprint") != stored["encoder"]["fingerprint"] or int(info["dim"]) != int(stored["feat_dim"]):
+            raise EvalError(
+                f"test set {spec} in {cache} has encoder {info['key']!r} features (dim {info['dim']}, fingerprint "
+                f"{info.get('fingerprint')}) but run {run} was trained on dim {stored['feat_dim']} fingerprint "
+                f"{stored['encoder']['fingerprint']}: build the test set with the same --model"
+            )
+        m = evaluate_split(model, data, cfg.image_size, dev)
+        res["tests"][data.name] = m
+        note = f" (absent classes: {', '.join(m['absent_classes'])})" if m["absent_classes"] else ""
+        log(f"{data.name}: accuracy {m['accuracy']:.4f}, mean class accuracy {m['mean_class_accuracy']:.4f}"
+            f" on {m['n']} images{note}")
+    rundir.write_json(run / rundir.RESULTS, res)
+    return res
+
+
+def run_label(cfg: TrainConfig) -> str:
+    tags = []
+    if cfg.method == "cafe":
+        tags += [t for t, on in (("no-sigmoid", cfg.sigmoid), ("no-sep", cfg.separation), ("no-div", cfg.diverse)) if not on]
+    return f"{cfg.train} / {cfg.method}" + (f" ({', '.join(tags)})" if tags else "")
+
+
+# ---------------------------------------------------------------------------- the table
+def cross_table(results: list[dict], metric: str = "accuracy") -> tuple[list[str], list[list]]:
+    """Columns = every test set seen (in first-seen order) + mean; rows = one per run."""
+    cols: list[str] = []
+    for r in results:
+        for t in r["tests"]:
+            if t not in cols:
+                cols.append(t)
+    rows = []
+    for r in results:
+        vals = [r["tests"][c][metric] if c in r["tests"] else None for c in cols]
+        present = [v for v in vals if v is not None]
+        rows.append([r["label"]] + vals + [float(np.mean(present)) if present else None])
+    return ["run"] + cols + ["mean"], rows
+
+
+def table_markdown(header, rows) -> str:
+    fmt = lambda v: "–" if v is None else (f"{100 * v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([[("" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)) for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def write_tables(results: list[dict], out_prefix: Path) -> dict[str, Path]:
+    """Writes <prefix>.md/.csv/.json for accuracy and mean class accuracy."""
+    out_prefix = Path(out_prefix)
+    paths = {}
+    md = []
+    for metric in ("accuracy", "mean_class_accuracy"):
+        header, rows = cross_table(results, metric)
+        md.append(f"### {metric.replace('_', ' ')} (%)\n\n" + table_markdown(header, rows))
+        p = out_prefix.with_name(out_prefix.name + f"_{metric}.csv")
+        rundir.atomic_write_text(p, table_csv(header, rows))
+        paths[f"csv_{metric}"] = p
+    p = out_prefix.with_suffix(".md")
+    rundir.atomic_write_text(p, "\n".join(md))
+    paths["markdown"] = p
+    p = out_prefix.with_suffix(".json")
+    rundir.atomic_write_text(p, json.dumps(results, indent=2))
+    paths["json"] = p
+    return paths

@@ -1,0 +1,76 @@
+"""`maskfer predict`: class probabilities for raw images with a trained run.
+
+Runs the same frozen encoder the run was trained against (checked by fingerprint), then
+the mask model. Unreadable images are reported per file and do not stop the others.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.build import encode_views
+from featcache.encoders import create_encoder, fingerprint
+from featcache.images import ImageError, load_image, resize_uint8
+from featcache.taxonomy import CLASSES
+from maskfer.augment import prepare_images
+from maskfer.evaluate import EvalError, load_run
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        elif p.exists():
+            files.append(p)
+        else:
+            raise EvalError(f"{p}: no such file or folder")
+    if not files:
+        raise EvalError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size: int = 32) -> list[dict]:
+    from maskfer.train import resolve_device, uses_images
+
+    dev = resolve_device(device)
+    model, cfg, stored = load_run(Path(run), dev)
+    need_feats = cfg.method != "baseline"
+    enc = None
+    if need_feats:
+        spec = stored["encoder"]["spec"]
+        enc = create_encoder(spec, device=str(dev))
+        if fingerprint(enc.metadata) != stored["encoder"]["fingerprint"]:
+            raise EvalError(f"encoder {spec!r} now loads with another fingerprint than the run was trained on "
+                            f"({fingerprint(enc.metadata)} vs {stored['encoder']['fingerprint']})")
+    files = collect_images(inputs)
+    results: list[dict] = []
+    for s in range(0, len(files), batch_size):
+        chunk, pix, thumbs, ok_files = files[s:s + batch_size], [], [], []
+        for f in chunk:
+            try:
+                img = load_image(f)
+            except ImageError as e:
+                results.append({"path": str(f), "error": str(e)})
+                continue
+            ok_files.append(f)
+            if enc is not None:
+                pix.append(enc.preprocess(img))
+            thumbs.append(resize_uint8(img, cfg.image_size))
+        if not ok_files:
+            continue
+        feats = (torch.from_numpy(encode_views(enc, torch.stack(pix), dev)[:, 0]).to(dev)
+                 if enc is not None else None)
+        x = prepare_images(torch.from_numpy(np.stack(thumbs)).to(dev), cfg.image_size) if uses_images(cfg) else None
+        with torch.no_grad():
+            probs = torch.softmax(model(x, feats)["logits"].float(), dim=1).cpu().numpy()
+        for f, p in zip(ok_files, probs):
+            results.append({"path": str(f), "prediction": CLASSES[int(p.argmax())],
+                            "probabilities": {c: float(v) for c, v in zip(CLASSES, p)}})
+    order = {str(f): i for i, f in enumerate(files)}
+    return sorted(results, key=lambda r: order[r["path"]])
