@@ -1,6 +1,6 @@
 """Vectorised separation kernels vs the per-group reference, and their share of a training step.
 
-    python benchmarks/separation_kernels.py [--device cpu|cuda] [--repeats N]
+    python benchmarks/separation_kernels.py [--device cpu|cuda] [--repeats N] [--threads N]
 
 "Kernels" means the whole CAFE regulariser in one forward+backward: draw the per-sample channel
 drop mask, compute the separation logits on the dropped features and their CE, compute the
@@ -128,7 +128,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=50, help="timed repeats of the kernels (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda requested but CUDA is not available")
     device = torch.device(args.device)

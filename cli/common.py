@@ -10,14 +10,10 @@ from rich.console import Console
 err_console = Console(stderr=True)
 
 
-def parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint=option)
-        k, v = p.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+def wide_console() -> Console:
+    """Tables stay readable when output is piped (rich assumes 80 columns off a terminal)."""
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
 
 
 def friendly_errors(*error_types):

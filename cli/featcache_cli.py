@@ -7,7 +7,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import err_console, friendly_errors, parse_pairs
+from cli.common import err_console, friendly_errors, wide_console
 
 _ERRORS: tuple = ()
 
@@ -84,10 +84,11 @@ def build(dataset, root, out, model, name, encoder_key, batch_size, device, prec
     """
     def go():
         from featcache.build import build_store
+        from featcache.manifests import parse_overrides
 
         r = build_store(out, dataset, root, model=model, name=name, encoder_key=encoder_key,
                         batch_size=batch_size, device=device, workers=workers, image_size=image_size,
-                        on_error=on_error, params=parse_pairs(params, "--param"), precision=precision,
+                        on_error=on_error, params=parse_overrides(params), precision=precision,
                         progress=not quiet, log=lambda m: err_console.print(m, highlight=False, markup=False))
         if r.up_to_date:
             click.echo(f"{out}: dataset {r.dataset!r} with encoder {r.encoder_key!r} is already complete "
@@ -139,7 +140,7 @@ def info(file, as_json):
 
 
 def _print_summary(summary):
-    con = Console()
+    con = wide_console()
     con.print(f"[bold]{summary['path']}[/] (store schema v{summary['schema_version']}, "
               f"written by featcache {summary['tool_version']})", highlight=False)
     from featcache.taxonomy import CLASSES
@@ -191,7 +192,7 @@ def verify(file, sample, root, device):
         failed = 0
         for check, ok, detail in rows:
             mark = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[yellow]not checked[/]"}[ok]
-            Console().print(f"{mark}  {check}: {detail}", highlight=False)
+            wide_console().print(f"{mark}  {check}: {detail}", highlight=False)
             failed += ok is False
         if failed:
             err_console.print(f"[red]{failed} check(s) failed[/]")

@@ -24,8 +24,8 @@ import featcache
 from featcache import store as st
 from featcache.encoders import Encoder, create_encoder, fingerprint
 from featcache.images import ImageError, load_image, resize_uint8
-from featcache.journal import Journal, store_lock
-from featcache.manifests import Item, load_manifest, list_items
+from featcache.journal import Journal, discard, pending_plans, store_lock
+from featcache.manifests import Item, list_items, load_manifest, manifest_record
 from featcache.progress import progress_bar
 from featcache.taxonomy import CLASSES
 
@@ -162,6 +162,21 @@ def _read_existing(out: Path, ds_name: str) -> _Existing:
     return ex
 
 
+def _drop_committed_journals(out: Path, ds_name: str, ex: _Existing) -> None:
+    """Remove journals whose results the store already holds.
+
+    A build killed after its commit renamed the new store into place, but before it removed its
+    journal, leaves one behind; the next build finds the store complete and would otherwise never
+    delete it (a journal holds every feature of the dataset)."""
+    if ex.dataset_rows is None:
+        return
+    for plan_dir, plan in pending_plans(out):
+        if (plan.get("dataset") == ds_name and plan.get("manifest_sha256") == ex.manifest_sha
+                and plan.get("encoder") in (None, *ex.encoder_fp.values())
+                and plan.get("image_size") in (None, *ex.image_sizes)):
+            discard(out, plan_dir)
+
+
 # --------------------------------------------------------------------------- the build
 def build_store(
     out: str | os.PathLike,
@@ -210,6 +225,7 @@ def build_store(
         for stale in out.parent.glob(out.name + ".tmp-*"):  # a commit cut short by a kill
             stale.unlink()
         ex = _read_existing(out, ds_name)
+        _drop_committed_journals(out, ds_name, ex)
         report = BuildReport(out, ds_name, key, image_size, dropped=dict(listing.dropped))
         new_dataset = ex.dataset_rows is None
         if new_dataset:
@@ -358,8 +374,7 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
                     attrs={
                         "manifest_name": manifest.name,
                         "manifest_sha256": manifest.sha256,
-                        "manifest": {"name": manifest.name, "kind": manifest.kind, "params": manifest.params,
-                                     "labels": manifest.labels},
+                        "manifest": manifest_record(manifest),
                         "root": str(root.resolve()),
                         "class_names": list(CLASSES),
                         "dropped": dropped,

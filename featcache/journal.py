@@ -108,3 +108,25 @@ class Journal:
             self.root.rmdir()  # only when no other plan is pending
         except OSError:
             pass
+
+
+def pending_plans(store_path: Path) -> list[tuple[Path, dict]]:
+    """``(directory, plan)`` of every journal left beside the store by a build that did not finish."""
+    root = Path(str(store_path) + ".journal")
+    found = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            try:
+                found.append((d, json.loads((d / "plan.json").read_text())))
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def discard(store_path: Path, plan_dir: Path) -> None:
+    """Remove one plan's journal (and the journal folder when it is left empty)."""
+    shutil.rmtree(plan_dir, ignore_errors=True)
+    try:
+        Path(str(store_path) + ".journal").rmdir()
+    except OSError:
+        pass

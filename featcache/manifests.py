@@ -319,3 +319,20 @@ def _conflict(image: str, entries) -> str:
         return text
     return (f"{image} is listed {len(entries)} times with conflicting labels: "
             f"{'; '.join(says(r) for _, r, _ in entries)}; the image is left out")
+
+
+def manifest_record(m: Manifest) -> dict:
+    """What a store keeps of a manifest: enough to list the dataset again without the file."""
+    return {"name": m.name, "kind": m.kind, "params": m.params, "labels": m.labels, "path": str(m.path),
+            "sha256": m.sha256}
+
+
+def manifest_from_record(record: dict) -> Manifest:
+    """Rebuild the Manifest a store was built from (works for user-written manifests that moved)."""
+    kind = record["kind"]
+    if kind not in LAYOUTS:
+        raise ManifestError(f"stored manifest {record.get('name')!r} has unknown kind {kind!r}")
+    canonical = json.dumps({"kind": kind, "params": record["params"], "labels": record["labels"]}, sort_keys=True)
+    return Manifest(name=record["name"], kind=kind, params=dict(record["params"]), labels=dict(record["labels"]),
+                    path=Path(record.get("path", "")), sha256=hashlib.sha256(canonical.encode()).hexdigest(),
+                    description="")

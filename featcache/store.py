@@ -44,7 +44,11 @@ def check_schema(f: h5py.File, path: str | os.PathLike) -> None:
     version = f.attrs.get("schema_version")
     if name != SCHEMA_NAME:
         raise StoreError(f"{path} is an HDF5 file but not a featcache store (no 'schema=featcache' attribute)")
-    if int(version) != SCHEMA_VERSION:
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise StoreError(f"{path} is a featcache store without a valid schema_version attribute ({version!r})") from None
+    if version != SCHEMA_VERSION:
         raise StoreError(
             f"{path} uses featcache store schema v{version}; this featcache reads v{SCHEMA_VERSION}. "
             "Rebuild the store or install the matching featcache version."
@@ -115,7 +119,11 @@ class Store:
             except OSError as e:
                 raise StoreError(f"cannot open feature store {self.path}: {e}") from e
             self._pid = os.getpid()
-            check_schema(self._file, self.path)
+            try:
+                check_schema(self._file, self.path)
+            except StoreError:
+                self.close()  # do not keep a handle on a file that is not a store
+                raise
         return self._file
 
     def close(self) -> None:
@@ -226,7 +234,7 @@ class DatasetView:
         return sorted(set(self.splits.tolist()))
 
     def indices(self, split: str | None = None) -> np.ndarray:
-        if split in (None, "all") and "all" not in self.split_names():
+        if split is None or split == "all":  # every row, whether or not the dataset has an 'all' split
             return np.arange(len(self), dtype=np.int64)
         sel = np.flatnonzero(self.splits == split)
         if sel.size == 0:

@@ -110,7 +110,7 @@ def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | 
         if n_bytes <= IN_MEMORY_LIMIT:
             return MemoryBank(ds.images(size))
         return StoreBank(ds, size)
-    from featcache.manifests import load_manifest, list_items
+    from featcache.manifests import list_items, manifest_from_record
 
     root_dir = Path(root or ds.root)
     if not root_dir.exists():
@@ -118,8 +118,7 @@ def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | 
             f"dataset {ds.name!r} has no cached images in {ds.store.path} and its root {root_dir} is not there: "
             "pass --root DATASET_DIR, or rebuild the store with `featcache build --image-size S`"
         )
-    m = ds.attrs["manifest"]
-    items = {it.id: it for it in list_items(load_manifest(m["name"], m["params"]), root_dir, on_error="skip").items}
+    items = {it.id: it for it in list_items(manifest_from_record(ds.attrs["manifest"]), root_dir, on_error="skip").items}
     missing = [i for i in ds.ids if i not in items]
     if missing:
         raise DataError(f"{len(missing)} stored image(s) of {ds.name!r} are not under {root_dir} (first {missing[0]})")

@@ -19,9 +19,11 @@ to the masked CLIP feature vector ``x = sigmoid(M) * F`` of shape (B, C):
 
 Implementation: a precomputed (L, g_max) gather index turns the unequal groups into a padded
 (B, L, g_max) tensor. Padded slots repeat a channel *of the same group*, so they can never
-change a group's max and need no -inf fill; ``valid`` marks the real slots for the drop
-sampler. When L divides C the index is skipped and a free ``view`` is used instead. There
-are no Python loops over samples, channels or classes, and the device comes from the input.
+change a group's max and need no -inf fill; ``valid`` marks the real slots. The drop mask is
+drawn directly in that layout: uniform scores, padding scores pushed out of reach, and
+``topk`` picks each group's ``drop`` slots. When L divides C the index is skipped and a free
+``view`` is used instead. There are no Python loops over samples, channels or classes, and
+the device comes from the input.
 
 The ``reference_*`` functions at the bottom loop over groups with plain slicing. They exist
 only so tests and ``benchmarks/separation_kernels.py`` can check the fast kernels against
