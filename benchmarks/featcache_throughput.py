@@ -1,8 +1,9 @@
 """featcache build throughput: end-to-end build vs encoder-only forward, and peak RSS vs dataset size.
 
     python benchmarks/featcache_throughput.py [--model SPEC] [--images muxspace|synthetic]
-        [--n-ratio 128] [--rounds 2] [--n-small 500] [--n-large 4000] [--rss-model tiny|same|SPEC]
+        [--n-ratio 96] [--rounds 3] [--n-small 500] [--n-large 4000] [--rss-model tiny|same|SPEC]
         [--batch-size 32] [--workers N] [--device cpu|cuda|auto] [--precision auto|fp32|fp16|bf16]
+        [--image-size S] [--build-py CANDIDATE_build.py] [--skip-ratio] [--skip-rss]
 
 Two measurements, in one run, on the same machine and settings; only ratios are meant to be
 compared (there are no absolute-time assertions):
@@ -131,6 +132,21 @@ def mb(kb: float) -> str:
     return f"{kb / 1024:,.0f} MB"
 
 
+def use_build_py(path: str | None) -> None:
+    """Load a candidate copy of featcache/build.py in place of featcache.build (A/B of a proposed fix)."""
+    if not path:
+        return
+    import importlib.util
+
+    import featcache
+
+    spec = importlib.util.spec_from_file_location("featcache.build", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["featcache.build"] = mod
+    spec.loader.exec_module(mod)
+    featcache.build = mod
+
+
 # --------------------------------------------------------------------------- encoders
 def make_clip(path: Path, arch: dict, seed: int = 0) -> Path:
     """A random-initialised CLIPVisionModelWithProjection + the real CLIP PIL processor, save_pretrained."""
@@ -231,27 +247,37 @@ def timed_build(out: Path, manifest: Path, root: Path, model: str, args) -> dict
 
     fb._run, fb._commit = run, commit
     try:
+        cpu0 = _cpu_seconds()
         t0 = time.perf_counter()
         report = fb.build_store(out, str(manifest), root, model=model, batch_size=args.batch_size, device=args.device,
                                 workers=args.workers, image_size=args.image_size or None, precision=args.precision,
                                 progress=False, log=lambda *a, **k: None)
         wall = time.perf_counter() - t0
+        cpu = _cpu_seconds() - cpu0  # workers are reaped when the DataLoader shuts down: their CPU is in CHILDREN
     finally:
         fb._run, fb._commit = orig_run, orig_commit
     phases["setup+tail"] = wall - phases.get("pipeline", 0.0) - phases.get("commit", 0.0)
-    return {"wall": wall, "rows": report.rows, "phases": phases}
+    return {"wall": wall, "cpu": cpu, "rows": report.rows, "phases": phases}
 
 
-def encoder_only(enc, batches, dev, precision) -> float:
+def _cpu_seconds() -> float:
+    """user + system CPU seconds of this process and of its reaped children."""
+    import resource
+
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def encoder_only(enc, batches, dev, precision) -> tuple[float, float]:
     from featcache.build import encode_views
 
     if dev.type == "cuda":
         import torch
         torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
     for x in batches:
         encode_views(enc, x, dev, precision)  # returns numpy: includes the device->host copy, as in the build
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_seconds() - cpu0
 
 
 def ratio_section(args, model: str, model_desc: str, data_desc: str, manifest: Path, root: Path, tmp: Path) -> None:
@@ -283,30 +309,35 @@ def ratio_section(args, model: str, model_desc: str, data_desc: str, manifest: P
     rows = []
     for r in range(1, args.rounds + 1):
         la0 = loadavg()
-        t_enc = encoder_only(enc, batches, dev, args.precision)
+        t_enc, c_enc = encoder_only(enc, batches, dev, args.precision)
         b = timed_build(tmp / f"ratio-r{r}.h5", manifest, root, model, args)
         assert b["rows"] == n, b
         e_ips, b_ips = n / t_enc, n / b["wall"]
         p = b["phases"]
-        rows.append((e_ips, b_ips, b["wall"], p))
-        print(f"   round {r}: encoder-only {e_ips:7.2f} img/s ({t_enc:6.1f} s) | build {b_ips:7.2f} img/s "
-              f"({b['wall']:6.1f} s = setup+tail {p['setup+tail']:.1f} + pipeline {p['pipeline']:.1f} "
-              f"+ commit {p['commit']:.2f}) | ratio {b_ips / e_ips:.3f} | pipeline-only ratio "
-              f"{(n / p['pipeline']) / e_ips:.3f} | load avg {la0} -> {loadavg()}")
+        rows.append({"e": e_ips, "b": b_ips, "pipe": n / p["pipeline"], "ratio": b_ips / e_ips,
+                     "cpu_ratio": c_enc / b["cpu"]})
+        print(f"   round {r}: encoder-only {e_ips:7.2f} img/s ({t_enc:6.1f} s, {c_enc / n * 1e3:6.0f} CPU-ms/img) | "
+              f"build {b_ips:7.2f} img/s ({b['wall']:6.1f} s = setup+tail {p['setup+tail']:.1f} + pipeline "
+              f"{p['pipeline']:.1f} + commit {p['commit']:.2f}; {b['cpu'] / n * 1e3:6.0f} CPU-ms/img incl. workers) | "
+              f"ratio {b_ips / e_ips:.3f} (pipeline phase only {(n / p['pipeline']) / e_ips:.3f}; CPU-time "
+              f"{c_enc / b['cpu']:.3f}) | load avg {la0} -> {loadavg()}")
         (tmp / f"ratio-r{r}.h5").unlink(missing_ok=True)
-    e_med = statistics.median(r[0] for r in rows)
-    b_med = statistics.median(r[1] for r in rows)
-    pipe_med = statistics.median(n / r[3]["pipeline"] for r in rows)
-    print(f"   median: encoder-only {e_med:.2f} img/s, build {b_med:.2f} img/s end-to-end "
-          f"({pipe_med:.2f} img/s pipeline phase only)")
-    print(f"   RATIO build/encoder-only = {b_med / e_med:.3f} end-to-end, {pipe_med / e_med:.3f} pipeline phase "
-          f"only  (goal >= 0.9; device={dev}, workers={args.resolved_workers}, batch={args.batch_size}, N={n})")
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    per_round = ", ".join(f"{r['ratio']:.3f}" for r in rows)
+    print(f"   median over rounds: encoder-only {med['e']:.2f} img/s, build {med['b']:.2f} img/s end-to-end "
+          f"({med['pipe']:.2f} img/s in the pipeline phase)")
+    print(f"   RATIO build/encoder-only = {med['ratio']:.3f} (median of per-round wall-clock ratios; rounds: "
+          f"{per_round})  goal >= 0.9  [device={dev}, workers="
+          f"{args.resolved_workers}, batch={args.batch_size}, N={n}, model={Path(model).name}]")
+    print(f"   CPU-time ratio (encoder-only CPU s / build CPU s incl. workers; less sensitive to other users' "
+          f"load) = {med['cpu_ratio']:.3f}")
 
 
 def rss_child(args) -> None:
     """Run one build in this fresh process and print its peak memory as JSON (last line of stdout)."""
     import resource
 
+    use_build_py(args.build_py)
     import featcache.build  # noqa: F401  torch + h5py imported, as the build would
     import transformers  # noqa: F401  imported by create_encoder for hf-clip specs
 
@@ -335,6 +366,8 @@ def rss_section(args, rss_model: str, rss_desc: str, data_desc: str, manifests: 
                "--rss-child-out", str(out), "--rss-child-manifest", str(manifests[n]), "--rss-child-root", str(root)]
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
+        if args.build_py:
+            cmd += ["--build-py", args.build_py]
         la0 = loadavg()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         sampler = TreeSampler(proc.pid)
@@ -368,8 +401,8 @@ def main() -> None:
     ap.add_argument("--rss-model", default="tiny", help="'tiny' (default), 'same' (= --model) or an encoder spec")
     ap.add_argument("--images", choices=("muxspace", "synthetic"), default="muxspace")
     ap.add_argument("--fer-root", type=Path, default=DEFAULT_FER)
-    ap.add_argument("--n-ratio", type=int, default=128, help="images for the build/encoder-only ratio")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating encoder-only/build rounds for the ratio")
+    ap.add_argument("--n-ratio", type=int, default=96, help="images for the build/encoder-only ratio")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating encoder-only/build rounds for the ratio")
     ap.add_argument("--n-small", type=int, default=500)
     ap.add_argument("--n-large", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -377,6 +410,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--image-size", type=int, default=0, help="also cache S px thumbnails (0: off, the default)")
+    ap.add_argument("--build-py", help="benchmark this copy of featcache/build.py instead (A/B of a fix)")
     ap.add_argument("--skip-ratio", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
@@ -390,6 +424,7 @@ def main() -> None:
 
     import multiprocessing
 
+    use_build_py(args.build_py)
     import torch
     import transformers
 
@@ -409,6 +444,8 @@ def main() -> None:
     print(f"   main-process torch threads={torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
           f"DataLoader workers={args.resolved_workers} (1 torch thread each, start method "
           f"{multiprocessing.get_start_method()}), load avg at start {loadavg()} (other users share these cores)")
+    if args.build_py:
+        print(f"   featcache.build loaded from {args.build_py} (candidate copy, not the repository's)")
 
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as td:
         tmp = Path(td)

@@ -7,7 +7,7 @@ import sys
 import click
 from rich.console import Console
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def wide_console() -> Console:

@@ -155,13 +155,13 @@ def evaluate(runs, cache, test, table_out, device, as_json):
                    for r in runs]
         if as_json:
             click.echo(json.dumps(results, indent=2))
-            return
-        for metric in ("accuracy", "mean_class_accuracy"):
-            header, rows = cross_table(results, metric)
-            click.echo(f"{metric.replace('_', ' ')} (%):\n" + table_markdown(header, rows))
-        if table_out:
+        else:
+            for metric in ("accuracy", "mean_class_accuracy"):
+                header, rows = cross_table(results, metric)
+                click.echo(f"{metric.replace('_', ' ')} (%):\n" + table_markdown(header, rows))
+        if table_out:  # also with --json; the notes then go to stderr so stdout stays pure JSON
             for kind, p in write_tables(results, Path(table_out)).items():
-                click.echo(f"wrote {p}")
+                click.echo(f"wrote {p}", err=as_json)
 
     _run(go)
 

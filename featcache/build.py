@@ -24,7 +24,7 @@ import featcache
 from featcache import store as st
 from featcache.encoders import Encoder, create_encoder, fingerprint
 from featcache.images import ImageError, load_image, resize_uint8
-from featcache.journal import Journal, discard, pending_plans, store_lock
+from featcache.journal import Journal, _fsync_dir, discard, pending_plans, store_lock
 from featcache.manifests import Item, list_items, load_manifest, manifest_record
 from featcache.progress import progress_bar
 from featcache.taxonomy import CLASSES
@@ -412,6 +412,7 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)
+        _fsync_dir(out.parent)  # the rename must be on disk before the journal is deleted
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

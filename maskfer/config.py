@@ -60,6 +60,10 @@ class TrainConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.drop_mode not in ("sample", "batch"):
             raise ConfigError(f"--drop-mode must be 'sample' or 'batch', not {self.drop_mode!r}")
+        from maskfer.backbones import list_backbones
+
+        if self.backbone not in list_backbones():
+            raise ConfigError(f"--backbone must be one of {', '.join(list_backbones())}, not {self.backbone!r}")
         if self.mask_map not in ("auto", "linear"):
             raise ConfigError(f"--mask-map must be auto or linear, not {self.mask_map!r}")
         for name in ("epochs", "batch_size", "image_size"):

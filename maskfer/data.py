@@ -144,7 +144,8 @@ def load_split(store_path: str, spec: str, default_split: str, encoder: str | No
     except StoreError as e:
         raise DataError(str(e)) from None
     if rows.size == 0:
-        raise DataError(f"split {name}:{split} in {store_path} is empty")
+        raise DataError(f"split {name}:{split} in {store_path} is empty (dataset {name!r} has {len(ds)} rows): "
+                        f"pick another split with {name}:SPLIT or rebuild the dataset with `featcache build`")
     key = resolve_encoder(ds, encoder)
     info = ds.encoder_info(key)
     feats = ds.features(key, rows)
@@ -156,7 +157,11 @@ def load_split(store_path: str, spec: str, default_split: str, encoder: str | No
         )
     labels = ds.labels[rows]
     if ((labels < 0) | (labels >= len(ds.class_names))).any():
-        raise DataError(f"labels of {name}:{split} are outside 0..{len(ds.class_names) - 1}; the store is damaged")
+        bad_rows = np.flatnonzero((labels < 0) | (labels >= len(ds.class_names)))
+        raise DataError(
+            f"{len(bad_rows)} label(s) of {name}:{split} in {store_path} are outside the classes 0..{len(ds.class_names) - 1} "
+            f"(first: id {ds.ids[rows][bad_rows[0]]!r}, label {labels[bad_rows[0]]}); the store is damaged: "
+            f"run `featcache verify {store_path}` and rebuild dataset {name!r} with `featcache build`")
     bank = _image_bank(ds, rows, image_size, root, workers) if need_images else None
     data = SplitData(f"{name}:{split}", name, split, rows, ds.ids[rows], torch.from_numpy(labels),
                      torch.from_numpy(feats), bank)

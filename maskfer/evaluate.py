@@ -150,6 +150,7 @@ def table_csv(header, rows) -> str:
 def write_tables(results: list[dict], out_prefix: Path) -> dict[str, Path]:
     """Writes <prefix>.md/.csv/.json for accuracy and mean class accuracy."""
     out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = {}
     md = []
     for metric in ("accuracy", "mean_class_accuracy"):
@@ -158,10 +159,11 @@ def write_tables(results: list[dict], out_prefix: Path) -> dict[str, Path]:
         p = out_prefix.with_name(out_prefix.name + f"_{metric}.csv")
         rundir.atomic_write_text(p, table_csv(header, rows))
         paths[f"csv_{metric}"] = p
-    p = out_prefix.with_suffix(".md")
+    # with_name, not with_suffix: a prefix like "results/table.v1" must not lose its ".v1"
+    p = out_prefix.with_name(out_prefix.name + ".md")
     rundir.atomic_write_text(p, "\n".join(md))
     paths["markdown"] = p
-    p = out_prefix.with_suffix(".json")
+    p = out_prefix.with_name(out_prefix.name + ".json")
     rundir.atomic_write_text(p, json.dumps(results, indent=2))
     paths["json"] = p
     return paths

@@ -49,19 +49,26 @@ def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size
             raise EvalError(f"encoder {spec!r} now loads with another fingerprint than the run was trained on "
                             f"({fingerprint(enc.metadata)} vs {stored['encoder']['fingerprint']})")
     files = collect_images(inputs)
+    # Training resized uint8 images of this size (the store's image cache) to cfg.image_size; do the same.
+    source_size = stored.get("source_image_size") or cfg.image_size
     results: list[dict] = []
     for s in range(0, len(files), batch_size):
         chunk, pix, thumbs, ok_files = files[s:s + batch_size], [], [], []
         for f in chunk:
             try:
                 img = load_image(f)
+                p = enc.preprocess(img) if enc is not None else None
+                t = resize_uint8(img, source_size)
             except ImageError as e:
                 results.append({"path": str(f), "error": str(e)})
                 continue
+            except Exception as e:  # noqa: BLE001 - decodable, but the encoder's preprocessing rejects it
+                results.append({"path": str(f), "error": f"{f}: preprocessing failed: {type(e).__name__}: {e}"})
+                continue
             ok_files.append(f)
-            if enc is not None:
-                pix.append(enc.preprocess(img))
-            thumbs.append(resize_uint8(img, cfg.image_size))
+            if p is not None:
+                pix.append(p)
+            thumbs.append(t)
         if not ok_files:
             continue
         feats = (torch.from_numpy(encode_views(enc, torch.stack(pix), dev)[:, 0]).to(dev)

@@ -27,11 +27,15 @@ class RunDirError(Exception):
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C mid-write: the old file stays, the half-written temp file goes
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj) -> None:
@@ -79,10 +83,14 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         tensors.update(ot)
     blob = {"meta": meta, "optimizer": opt_meta}
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(_clean(tensors), str(tmp), metadata={"maskfer": json.dumps(blob)})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(_clean(tensors), str(tmp), metadata={"maskfer": json.dumps(blob)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C mid-write: the previous checkpoint stays, the partial temp file goes
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict]:

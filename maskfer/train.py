@@ -78,8 +78,10 @@ class Trainer:
         self.cfg, self.out, self.progress, self.log = cfg.validate(), Path(out), progress, log
         self.device = resolve_device(cfg.device)
         try:
+            # --online-encoder recomputes features from augmented images, so even the linear probe needs them.
+            need_images = uses_images(cfg) or cfg.online_encoder
             self.train_data, self.enc_info = load_split(
-                cfg.cache, cfg.train, "train", cfg.encoder, uses_images(cfg), cfg.image_size, cfg.root, cfg.workers)
+                cfg.cache, cfg.train, "train", cfg.encoder, need_images, cfg.image_size, cfg.root, cfg.workers)
             self.val_data = None
             if cfg.val_split:
                 name = cfg.train.partition(":")[0]
@@ -172,10 +174,13 @@ class Trainer:
                 from maskfer.evaluate import evaluate_split
 
                 row["val_acc"] = evaluate_split(model, self.val_data, cfg.image_size, self.device)["accuracy"]
+            # Metrics first, then the checkpoint: a kill between the two leaves a metrics row for an epoch
+            # the checkpoint does not have, which the rerun of that epoch replaces (append_metrics drops
+            # rows >= its epoch). The other order would lose the row of an epoch the checkpoint has.
+            rundir.append_metrics(out, row)
             rundir.save_checkpoint(out / rundir.LAST, model, opt,
                                    {"epoch": epoch, "config_hash": cfg.identity_hash(),
                                     "scheduler": sched.state_dict(), "feat_dim": self.feat_dim})
-            rundir.append_metrics(out, row)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
                      + (f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else "")
                      + f" ({row['images_per_s']:.1f} img/s)")
@@ -186,16 +191,27 @@ class Trainer:
         """Write the config, or check it and resume from the last checkpoint. Returns the first epoch to run."""
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("*.tmp-*"):  # a write cut short by kill -9 (Ctrl-C cleans up after itself)
+            stale.unlink(missing_ok=True)
         cfg_path = out / rundir.CONFIG
+        bank = self.train_data.bank
         stored = {"config": cfg.to_dict(), "config_hash": cfg.identity_hash(), "feat_dim": self.feat_dim,
                   "encoder": {k: self.enc_info.get(k) for k in ("key", "spec", "fingerprint", "dim")},
-                  "classes": list(self.train_data_classes())}
+                  "classes": list(self.train_data_classes()),
+                  # size of the uint8 images the training batches were resized from (predict mirrors it)
+                  "source_image_size": bank.size if bank is not None else None}
         ckpt = out / rundir.LAST
         if cfg_path.exists() and ckpt.exists():
             old = rundir.read_json(cfg_path)
+            diff = []
             if old.get("config_hash") != stored["config_hash"]:
                 old_id = TrainConfig.from_dict(old["config"]).identity()
                 diff = sorted(k for k, v in cfg.identity().items() if old_id.get(k) != v)
+            old_fp = (old.get("encoder") or {}).get("fingerprint")
+            if old_fp != stored["encoder"]["fingerprint"]:
+                diff.append(f"encoder features (fingerprint {old_fp} there, {stored['encoder']['fingerprint']} in "
+                            f"{cfg.cache})")
+            if diff:
                 raise TrainError(
                     f"run directory {out} holds a run with another configuration (differs in: {', '.join(diff)}). "
                     "Use a new --out, or delete that directory to start over."

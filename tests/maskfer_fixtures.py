@@ -112,3 +112,48 @@ def small_cfg(store: Path, **kw):
 
 def quiet(*_a, **_k):
     return None
+
+
+def trained_run(base: Path, store: Path, name: str, **cfg_kw) -> Path:
+    """Train (once per session) a small run into ``base/name``; callers must not modify it."""
+    key = ("run", name, str(store))
+    if key not in _CACHE:
+        from maskfer.train import train
+
+        out = Path(base) / name
+        train(small_cfg(store, **cfg_kw), out, progress=False, log=quiet)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def metrics_without_speed(run: Path) -> list[dict]:
+    from maskfer.rundir import read_metrics
+
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(run)]
+
+
+# ---------------------------------------------------------------- pytest fixtures (import them by name)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on this shared 2-core machine two threads oversubscribe and run ~5x slower,
+    and a fixed thread count keeps CPU results bit-identical between runs (resume tests compare them)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fx_base(tmp_path_factory) -> Path:
+    d = tmp_path_factory.getbasetemp() / "maskfer_fx"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@pytest.fixture
+def store(fx_base, tiny_clip_dir) -> Path:
+    return fixture_store(fx_base, tiny_clip_dir)

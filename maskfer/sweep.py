@@ -1,0 +1,311 @@
+"""`maskfer sweep`: a grid of training configurations over one feature store.
+
+The encoder never runs here: every configuration reads the same cached features, which is
+what makes a sweep cheap. Everything is checked before any training starts (axis names,
+value types, an empty grid, a sweep directory made by another grid). Finished
+configurations are skipped and a partially trained one resumes from its checkpoint, so a
+killed sweep continues where it stopped.
+
+Model selection uses only the validation split of the training dataset (`val_split`), never
+the test sets: they stand for domains the user has not seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import re
+import tomllib
+import typing
+from pathlib import Path
+
+import numpy as np
+
+from maskfer import rundir
+from maskfer.config import ConfigError, TrainConfig
+
+SWEEP_FILE = "sweep.json"
+ALIASES = {"lambda": "lam"}  # CLI spelling -> TrainConfig field
+NOT_AXES = ("cache", "train")  # one sweep = one store and one training set
+
+
+class SweepError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- parsing
+def field_name(axis: str) -> str:
+    name = axis.strip().lstrip("-").replace("-", "_")
+    name = ALIASES.get(name, name)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if name not in fields or name in NOT_AXES:
+        valid = sorted(({a for a in ALIASES} | fields) - set(NOT_AXES) - {"lam"})
+        raise SweepError(f"grid axis {axis!r} names no training option; options: {', '.join(valid)}")
+    return name
+
+
+def _field_types() -> dict[str, typing.Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def coerce(name: str, value, where: str):
+    """Turn a CLI string or TOML value into the type of TrainConfig.<name>; clear error otherwise."""
+    tp = _field_types()[name]
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if typing.get_origin(tp) is list or typing.get_origin(base) is list:
+        items = value if isinstance(value, list) else [v for v in str(value).split("+") if v]
+        return [str(v) for v in items]
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("true", "yes", "on", "1"):
+                return True
+            if s in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        return str(value)
+    except (TypeError, ValueError):
+        raise SweepError(f"{where}: {value!r} is not a valid {getattr(base, '__name__', base)} for option {name!r}") from None
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list]:
+    """['lambda=0.5,1.5,5', 'seed=0,1,2'] -> {'lam': [0.5, 1.5, 5.0], 'seed': [0, 1, 2]}."""
+    grid: dict[str, list] = {}
+    for pair in pairs:
+        axis, eq, values = pair.partition("=")
+        if not eq:
+            raise SweepError(f"--grid {pair!r}: expected AXIS=V1,V2,...")
+        name = field_name(axis)
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise SweepError(f"--grid {pair!r}: the axis {axis!r} has no values")
+        if name in grid:
+            raise SweepError(f"--grid: axis {axis!r} given twice")
+        grid[name] = [coerce(name, v, f"--grid {axis}") for v in vals]
+    return grid
+
+
+def load_sweep_file(path: str | Path) -> tuple[dict, dict[str, list]]:
+    """A TOML sweep file: [base] options and [grid] axes (lists)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SweepError(f"{path}: cannot read the sweep file: {e}") from None
+    unknown = sorted(set(raw) - {"base", "grid"})
+    if unknown:
+        raise SweepError(f"{path}: unknown table(s) {', '.join(unknown)}; a sweep file has [base] and [grid]")
+    base = {}
+    for k, v in raw.get("base", {}).items():
+        name = ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
+        if name not in _field_types():
+            raise SweepError(f"{path}: [base] option {k!r} is not a training option")
+        base[name] = coerce(name, v, f"{path} [base] {k}")
+    grid = {}
+    for k, v in raw.get("grid", {}).items():
+        name = field_name(k)
+        vals = v if isinstance(v, list) else [v]
+        if not vals:
+            raise SweepError(f"{path}: [grid] axis {k!r} has no values")
+        grid[name] = [coerce(name, x, f"{path} [grid] {k}") for x in vals]
+    return base, grid
+
+
+# ---------------------------------------------------------------------------- the plan
+def point_id(point: dict) -> str:
+    def fmt(v):
+        return "+".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    rid = "_".join(f"{('lambda' if k == 'lam' else k)}={fmt(v)}" for k, v in point.items())
+    return re.sub(r"[^A-Za-z0-9_.=+\-]", "-", rid)
+
+
+def expand(base: TrainConfig, grid: dict[str, list]) -> list[tuple[str, dict, TrainConfig]]:
+    if not grid:
+        raise SweepError("the grid is empty: give at least one --grid AXIS=V1,V2 (or a [grid] table)")
+    points = []
+    for combo in itertools.product(*grid.values()):
+        point = dict(zip(grid.keys(), combo))
+        cfg = dataclasses.replace(base, **point)
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            raise SweepError(f"grid point {point_id(point)}: {e}") from None
+        points.append((point_id(point), point, cfg))
+    return points
+
+
+def _check_dir(out: Path, base: TrainConfig, grid: dict) -> None:
+    record = {"base": base.identity(), "grid": grid}
+    f = out / SWEEP_FILE
+    if f.exists():
+        old = rundir.read_json(f)
+        if old.get("base") != record["base"] or old.get("grid") != json.loads(json.dumps(grid)):
+            diff = [k for k in set(old.get("grid", {})) | set(grid) if old.get("grid", {}).get(k) != grid.get(k)]
+            bdiff = [k for k in record["base"] if old.get("base", {}).get(k) != record["base"][k]]
+            raise SweepError(
+                f"sweep directory {out} was made by another sweep (grid differs in: {', '.join(sorted(diff)) or '-'}; "
+                f"base options differ in: {', '.join(sorted(bdiff)) or '-'}). Use a new --out."
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(f, record)
+
+
+def _finished(run: Path, cfg: TrainConfig) -> bool:
+    rows = rundir.read_metrics(run)
+    done = len(rows) >= cfg.epochs and (run / rundir.LAST).exists()
+    return done and (not cfg.test or (run / rundir.RESULTS).exists())
+
+
+def plan_sweep(base: TrainConfig, grid: dict[str, list], out: Path) -> list[tuple[str, dict, TrainConfig]]:
+    """Validate everything and prepare the directory; no training."""
+    if not base.val_split:
+        raise SweepError("a sweep selects its model on a validation split of the training dataset: "
+                         "give --val-split (e.g. val)")
+    points = expand(base, grid)
+    _check_dir(out, base, grid)
+    return points
+
+
+def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, parallel: int = 1, progress: bool = True,
+              log=print) -> dict:
+    from maskfer.evaluate import evaluate_run
+    from maskfer.train import Trainer
+
+    out = Path(out)
+    points = plan_sweep(base, grid, out)
+    todo = [(rid, p, c) for rid, p, c in points if not _finished(out / "runs" / rid, c)]
+    log(f"sweep {out}: {len(points)} configurations, {len(points) - len(todo)} already finished")
+    if parallel > 1 and todo:
+        from maskfer.parallel import PARALLEL_FIELDS, train_parallel
+
+        groups: dict[str, list] = {}
+        for rid, p, c in todo:
+            key = json.dumps({k: v for k, v in c.to_dict().items() if k not in PARALLEL_FIELDS}, sort_keys=True)
+            groups.setdefault(key, []).append((rid, p, c))
+        for members in groups.values():
+            for s in range(0, len(members), parallel):
+                chunk = members[s:s + parallel]
+                log(f"training {len(chunk)} configurations at once: {', '.join(r for r, _, _ in chunk)}")
+                train_parallel([c for _, _, c in chunk], [out / "runs" / r for r, _, _ in chunk],
+                               progress=progress, log=log)
+                for rid, _, c in chunk:
+                    if c.test:
+                        evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log)
+    else:
+        for i, (rid, p, c) in enumerate(todo):
+            log(f"[{i + 1}/{len(todo)}] {rid}")
+            trainer = Trainer(c, out / "runs" / rid, progress, log)
+            trainer.run()
+            if c.test:
+                evaluate_run(out / "runs" / rid, c.cache, c.test, trainer=trainer, log=log)
+    return summarize_sweep(out, points, grid)
+
+
+# ---------------------------------------------------------------------------- summary
+def summarize_sweep(out: Path, points, grid: dict[str, list]) -> dict:
+    """Per configuration (grid point without seed): mean ± std over seeds of val and test accuracy."""
+    axes = [a for a in grid if a != "seed"]
+    by_conf: dict[str, dict] = {}
+    for rid, point, cfg in points:
+        run = out / "runs" / rid
+        conf = {a: point[a] for a in axes}
+        key = json.dumps(conf, sort_keys=True)
+        entry = by_conf.setdefault(key, {"config": conf, "runs": [], "val": [], "tests": {}})
+        metrics = rundir.read_metrics(run)
+        entry["runs"].append(str(run.relative_to(out)))
+        if metrics and "val_acc" in metrics[-1]:
+            entry["val"].append(metrics[-1]["val_acc"])
+        res = rundir.read_json(run / rundir.RESULTS) if (run / rundir.RESULTS).exists() else {"tests": {}}
+        for t, m in res["tests"].items():
+            entry["tests"].setdefault(t, []).append(m["accuracy"])
+    rows = []
+    for entry in by_conf.values():
+        rows.append({
+            "config": entry["config"], "runs": entry["runs"], "n_seeds": len(entry["runs"]),
+            "val_mean": _mean(entry["val"]), "val_std": _std(entry["val"]),
+            "tests": {t: {"mean": _mean(v), "std": _std(v), "n": len(v)} for t, v in entry["tests"].items()},
+        })
+    complete = [r for r in rows if r["val_mean"] is not None]
+    best = max(complete, key=lambda r: r["val_mean"]) if complete else None
+    for r in rows:
+        r["selected"] = r is best
+    summary = {"axes": axes, "grid": grid, "selection": "highest mean validation accuracy over seeds",
+               "rows": rows}
+    rundir.write_json(out / "summary.json", summary)
+    rundir.atomic_write_text(out / "summary.md", summary_markdown(summary))
+    rundir.atomic_write_text(out / "summary.csv", summary_csv(summary))
+    return summary
+
+
+def _mean(v):
+    return float(np.mean(v)) if v else None
+
+
+def _std(v):
+    return float(np.std(v, ddof=1)) if len(v) > 1 else (0.0 if v else None)
+
+
+def _tests(summary) -> list[str]:
+    seen: list[str] = []
+    for r in summary["rows"]:
+        for t in r["tests"]:
+            if t not in seen:
+                seen.append(t)
+    return seen
+
+
+def _pm(m, s):
+    return "–" if m is None else f"{100 * m:.2f} ± {100 * (s or 0):.2f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    tests = _tests(summary)
+    head = ["", *[("lambda" if a == "lam" else a) for a in summary["axes"]], "seeds", "val (select)", *tests]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        cells = ["**selected**" if r["selected"] else "", *[str(r["config"][a]) for a in summary["axes"]],
+                 str(r["n_seeds"]), _pm(r["val_mean"], r["val_std"])]
+        cells += [_pm(r["tests"].get(t, {}).get("mean"), r["tests"].get(t, {}).get("std")) for t in tests]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("\nAccuracy %, mean ± std over seeds. Selection: " + summary["selection"]
+            + " (validation split of the training dataset only; test sets are never used to select).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def summary_csv(summary: dict) -> str:
+    import csv
+    import io
+
+    tests = _tests(summary)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["selected", *summary["axes"], "n_seeds", "val_mean", "val_std",
+                *[f"{t}_{s}" for t in tests for s in ("mean", "std")]])
+    for r in summary["rows"]:
+        w.writerow([int(r["selected"]), *[r["config"][a] for a in summary["axes"]], r["n_seeds"],
+                    r["val_mean"], r["val_std"],
+                    *[r["tests"].get(t, {}).get(s) for t in tests for s in ("mean", "std")]])
+    return buf.getvalue()
