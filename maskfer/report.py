@@ -257,7 +257,7 @@ def write_report(path, out=None, baseline=None, test: str | None = None, max_poi
         page = sweep_page(path, out, **opts)
     index = out / INDEX
     rundir.atomic_write_text(index, page.html())
-    log(f"report: {index} ({len(page.images())} figures)")
+    log(f"report: {index} ({len(page.images())} figure(s))")
     return index
 
 

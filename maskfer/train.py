@@ -6,6 +6,7 @@ the checkpoint of epoch k therefore continues exactly as the uninterrupted run w
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,13 +175,14 @@ class Trainer:
                 from maskfer.evaluate import evaluate_split
 
                 row["val_acc"] = evaluate_split(model, self.val_data, cfg.image_size, self.device)["accuracy"]
-            # Metrics first, then the checkpoint: a kill between the two leaves a metrics row for an epoch
-            # the checkpoint does not have, which the rerun of that epoch replaces (append_metrics drops
-            # rows >= its epoch). The other order would lose the row of an epoch the checkpoint has.
-            rundir.append_metrics(out, row)
+            # The checkpoint carries the metrics rows up to its epoch: a kill after the checkpoint and before
+            # metrics.jsonl is rewritten would otherwise lose this epoch's row for good (the resumed run
+            # starts after it); resuming restores metrics.jsonl from the checkpoint.
+            history = [r for r in rundir.read_metrics(out) if r.get("epoch", -1) < epoch] + [row]
             rundir.save_checkpoint(out / rundir.LAST, model, opt,
                                    {"epoch": epoch, "config_hash": cfg.identity_hash(),
-                                    "scheduler": sched.state_dict(), "feat_dim": self.feat_dim})
+                                    "scheduler": sched.state_dict(), "feat_dim": self.feat_dim, "metrics": history})
+            rundir.append_metrics(out, row)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
                      + (f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else "")
                      + f" ({row['images_per_s']:.1f} img/s)")
@@ -224,6 +226,9 @@ class Trainer:
         model.load_state_dict(model_sd)
         opt.load_state_dict(opt_sd)
         sched.load_state_dict(meta["scheduler"])
+        # metrics.jsonl = the rows of the epochs the checkpoint holds, no more and no fewer
+        rows = meta.get("metrics") or [r for r in rundir.read_metrics(out) if r.get("epoch", -1) <= meta["epoch"]]
+        rundir.atomic_write_text(out / rundir.METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         self.log(f"resuming {out} after epoch {meta['epoch'] + 1}/{cfg.epochs}")
         return int(meta["epoch"]) + 1
 

@@ -23,10 +23,8 @@ from maskfer.parallel import (
     group_key,
     keep_to_channels,
     per_model_keep,
-    stack_optimizer_states,
     stacked_cafe_loss,
     train_parallel,
-    unstack_optimizer_state,
 )
 from maskfer.separation import (
     channel_groups,
@@ -67,12 +65,16 @@ def _models(kind, seeds, sigmoids=None, feat_dim=16, mask_map="auto", dtype=torc
 
 
 # ------------------------------------------------------------------ the fused model
-@pytest.mark.parametrize("kind,mask_map", [("resnet18", "auto"), ("mobilenet_v2", "auto"), ("resnet18", "linear"),
-                                           ("baseline-mobilenet_v2", "auto"), ("linear-probe", "auto")])
-def test_stacked_forward_and_bn_stats_equal_separate_models(kind, mask_map):
+@pytest.mark.parametrize("kind,mask_map,layout", [
+    ("resnet18", "auto", "grouped"), ("mobilenet_v2", "auto", "grouped"), ("resnet18", "linear", "grouped"),
+    ("baseline-mobilenet_v2", "auto", "grouped"), ("linear-probe", "auto", "grouped"),
+    ("resnet18", "auto", "loop"), ("mobilenet_v2", "linear", "loop")])
+def test_stacked_forward_and_bn_stats_equal_separate_models(kind, mask_map, layout):
     models = _models(kind, [0, 1, 2], [True, False, True], mask_map=mask_map)
-    stacked = StackedModel(copy.deepcopy(models))
-    assert stacked.k == 3 and list(stacked.state_dict()) == list(models[0].state_dict())
+    stacked = StackedModel(copy.deepcopy(models), layout)
+    assert stacked.k == 3
+    if layout == "grouped":
+        assert list(stacked.state_dict()) == list(models[0].state_dict())
     for k, m in enumerate(models):  # unstacking returns exactly the separate models' state dicts
         own = stacked.model_state_dict(k)
         assert all(torch.equal(own[n], v) for n, v in m.state_dict().items())
@@ -92,9 +94,10 @@ def test_stacked_forward_and_bn_stats_equal_separate_models(kind, mask_map):
                 torch.testing.assert_close(own[n], v, rtol=1e-9, atol=1e-9, msg=f"{mode} {k} {n}")
 
 
-def test_adam_on_the_stack_equals_k_separate_adams():
+@pytest.mark.parametrize("layout", ["grouped", "loop"])
+def test_adam_on_the_stack_equals_k_separate_adams(layout):
     models = _models("mobilenet_v2", [0, 1, 2], [True, False, True])
-    stacked = StackedModel(copy.deepcopy(models))
+    stacked = StackedModel(copy.deepcopy(models), layout)
     opt = torch.optim.Adam(stacked.parameters(), lr=1e-3, weight_decay=1e-4)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-4) for m in models]
     spec = LossSpec(lam=[1.5, 0.7, 0.0], beta=[5.0, 0.3, 2.0], drops=[1, 1, 0], sample=[True, True, True],
@@ -125,13 +128,14 @@ def test_adam_on_the_stack_equals_k_separate_adams():
         own = stacked.model_state_dict(k)
         for n, v in m.state_dict().items():
             torch.testing.assert_close(own[n], v, rtol=1e-7, atol=1e-9, msg=n)
-        mine, ref = unstack_optimizer_state(opt_sd, 3, k), o.state_dict()
+        mine, ref = stacked.optimizer_state(opt_sd, k), o.state_dict()
+        assert mine["param_groups"] == ref["param_groups"]
         assert mine["state"].keys() == ref["state"].keys()
         for pid, s in ref["state"].items():
             for key, v in s.items():
                 torch.testing.assert_close(mine["state"][pid][key], v, rtol=1e-7, atol=1e-12)
     # restacking the K slices gives back the stacked optimizer state
-    again = stack_optimizer_states([unstack_optimizer_state(opt_sd, 3, k) for k in range(3)])
+    again = stacked.stack_optimizer_states([stacked.optimizer_state(opt_sd, k) for k in range(3)])
     assert all(torch.equal(again["state"][p][key], v) for p, s in opt_sd["state"].items() for key, v in s.items())
 
 
@@ -259,13 +263,14 @@ def _same_checkpoints(a, b, exact=True):
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [dict(lam=0.7, beta=0.3), dict(method="linear-probe"),
-                                dict(method="baseline", backbone="mobilenet_v2"),
-                                dict(sigmoid=False, drop_mode="batch", balanced=True)])
-def test_one_model_group_reproduces_the_sequential_trainer(store, tmp_path, kw):
+@pytest.mark.parametrize("kw,layout", [(dict(lam=0.7, beta=0.3), "loop"), (dict(lam=0.7, beta=0.3), "grouped"),
+                                       (dict(method="linear-probe"), "auto"),
+                                       (dict(method="baseline", backbone="mobilenet_v2"), "auto"),
+                                       (dict(sigmoid=False, drop_mode="batch", balanced=True), "auto")])
+def test_one_model_group_reproduces_the_sequential_trainer(store, tmp_path, kw, layout):
     cfg = small_cfg(store, epochs=2, val_split="val", **kw)
     Trainer(cfg, tmp_path / "seq", progress=False, log=quiet).run()
-    res = train_parallel([cfg], [tmp_path / "par"], progress=False, log=quiet)
+    res = train_parallel([cfg], [tmp_path / "par"], progress=False, log=quiet, layout=layout)
     assert _rows(tmp_path / "seq") == _rows(tmp_path / "par")
     assert res[0]["last"]["epoch"] == 1 and "val_acc" in res[0]["last"]
     _same_checkpoints(tmp_path / "seq", tmp_path / "par")
@@ -277,12 +282,13 @@ GROUP = [dict(), dict(lam=0.5, beta=1.0, drop=0, seed=3), dict(sigmoid=False, dr
 def test_group_run_dirs_load_evaluate_and_resume(store, tmp_path):
     cfgs = [small_cfg(store, epochs=1, val_split="val", **kw) for kw in GROUP]
     outs = [tmp_path / f"r{i}" for i in range(3)]
-    res = train_parallel(cfgs, outs, progress=False, log=quiet)
+    res = train_parallel(cfgs, outs, progress=False, log=quiet, layout="grouped")
     assert [r["last"]["epoch"] for r in res] == [0, 0, 0]
     for i, out in enumerate(outs):
         stored = rundir.read_json(out / rundir.CONFIG)
         assert stored["parallel_group"]["runs"] == [str(o) for o in outs] and stored["parallel_group"]["index"] == i
         assert stored["config"]["seed"] == cfgs[i].seed and stored["parallel_group"]["data_seed"] == 0
+        assert stored["parallel_group"]["layout"] == "grouped"
         row = rundir.read_metrics(out)[-1]
         assert row["parallel_k"] == 3 and row["group_model_images_per_s"] == pytest.approx(3 * row["images_per_s"])
         assert ("train_sep" in row) == cfgs[i].separation

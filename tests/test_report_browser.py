@@ -37,17 +37,18 @@ window.addEventListener('load', function () {
 </script>"""
 
 
+# checked before any fixture is built, so a machine without Chromium skips at once
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not found: install Chromium for this "
+                                "test (Debian: apt-get install -y chromium; or set CHROMIUM=/path/to/chromium)")
+
+
 def chromium(*args: str, user_dir: Path, timeout: int = 90) -> subprocess.CompletedProcess:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Chromium for this test (Debian: apt-get install -y chromium)")
     return subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={user_dir}", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_every_figure_loads_in_headless_chromium(tmp_path_factory, tmp_path, tiny_clip_dir):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Chromium for this test (Debian: apt-get install -y chromium)")
     pytest.importorskip("matplotlib", reason=EXTRA)
     pytest.importorskip("sklearn", reason=EXTRA)
     from PIL import Image

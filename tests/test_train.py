@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +58,7 @@ def test_every_method_and_ablation_writes_the_run_dir(store, tmp_path, variant):
         keys, blob = list(f.keys()), json.loads(f.metadata()["maskfer"])
     assert any(k.startswith("model.") for k in keys) and any(k.startswith("optim.") for k in keys)
     assert blob["meta"]["epoch"] == 1 and blob["meta"]["config_hash"] == cfg.identity_hash()
+    assert blob["meta"]["metrics"] == rows                    # the rows the checkpoint covers (restored on resume)
     assert blob["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr * cfg.gamma ** 2)
     model_sd, opt_sd, meta = rundir.load_checkpoint(ckpt)
     model = build_model(cfg, 16)
