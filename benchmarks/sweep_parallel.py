@@ -2,13 +2,15 @@
 
     python benchmarks/sweep_parallel.py [--device auto|cpu|cuda] [--k 8] [--image-size S]
         [--n-images N] [--batch-size 32] [--backbone resnet18] [--epochs 1] [--threads T]
-        [--workdir DIR] [--order parallel-first|sequential-first]
+        [--layout auto|grouped|loop|both] [--workdir DIR] [--order parallel-first|sequential-first]
 
 One run builds its own small feature store and measures, on the same device and settings:
 
 * **sequential**: the K configurations trained one after another, each by ``maskfer.train.Trainer``
   into its own run directory (what ``maskfer sweep`` does without ``--parallel``);
-* **parallel**: the same K configurations trained by ``train_parallel`` as one fused model.
+* **parallel**: the same K configurations trained by ``train_parallel`` as one fused model, with
+  the backbone layout ``--layout`` (auto: grouped convolutions on CUDA, the K backbones called in
+  a loop on CPU; ``both`` measures grouped and loop).
 
 The K configurations are a lam x beta x drop (x seed) grid around the paper's defaults (lam 1.5,
 beta 5, drop 10), all other settings equal, so they form one parallel group.
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featcache.taxonomy import CLASSES  # noqa: E402
 from maskfer import rundir  # noqa: E402
 from maskfer.config import TrainConfig  # noqa: E402
-from maskfer.parallel import train_parallel  # noqa: E402
+from maskfer.parallel import default_layout, train_parallel  # noqa: E402
 from maskfer.train import Trainer, resolve_device  # noqa: E402
 
 
@@ -115,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--workdir", default=None, help="keep the store and run dirs here (default: a temp dir)")
     ap.add_argument("--order", choices=["parallel-first", "sequential-first"], default="parallel-first")
+    ap.add_argument("--layout", choices=["auto", "grouped", "loop", "both"], default="auto")
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -151,22 +154,29 @@ def main(argv=None) -> None:
             Trainer(cfg, out, progress=False, log=lambda m: None).run()
         return time.perf_counter() - t0, sum(_loop_s(o, n_images) for o in outs)
 
-    def parallel() -> tuple[float, float]:
-        outs = [work / "par" / f"run{i}" for i in range(len(cfgs))]
+    def parallel(layout: str) -> tuple[float, float]:
+        outs = [work / f"par-{layout}" / f"run{i}" for i in range(len(cfgs))]
         t0 = time.perf_counter()
-        train_parallel(cfgs, outs, progress=False, log=lambda m: None)
+        train_parallel(cfgs, outs, progress=False, log=lambda m: None, layout=layout)
         return time.perf_counter() - t0, _loop_s(outs[0], n_images)
 
-    _warmup(cfgs, device, size, args.batch_size)
+    layouts = {"auto": [default_layout(device)], "both": ["grouped", "loop"]}.get(args.layout, [args.layout])
+    _warmup(cfgs, device, size, args.batch_size, layouts)
+    names = [f"parallel-{lay}" for lay in layouts]
+    names = names + ["sequential"] if args.order == "parallel-first" else ["sequential"] + names
     results = {}
-    for name in (["parallel", "sequential"] if args.order == "parallel-first" else ["sequential", "parallel"]):
+    work_images = len(cfgs) * n_images * args.epochs
+    for name in names:
         _sync(device)
-        wall, loop = (parallel if name == "parallel" else sequential)()
+        wall, loop = sequential() if name == "sequential" else parallel(name.split("-", 1)[1])
         results[name] = (wall, loop)
-        print(f"{name:>10}: {len(cfgs) * n_images * args.epochs / loop:8.1f} model-images/s in training loops "
-              f"({loop:.1f} s), {len(cfgs) * n_images * args.epochs / wall:8.1f} end to end ({wall:.1f} s)", flush=True)
-    (pw, pl), (sw, sl) = results["parallel"], results["sequential"]
-    print(f"ratio parallel/sequential: {sl / pl:.2f}x in training loops, {sw / pw:.2f}x end to end  [{settings}]")
+        print(f"{name:>17}: {work_images / loop:8.1f} model-images/s in training loops ({loop:.1f} s), "
+              f"{work_images / wall:8.1f} end to end ({wall:.1f} s)", flush=True)
+    sw, sl = results["sequential"]
+    for name in names:
+        if name != "sequential":
+            pw, pl = results[name]
+            print(f"ratio {name}/sequential: {sl / pl:.2f}x in training loops, {sw / pw:.2f}x end to end  [{settings}]")
     if tmp is not None:
         tmp.cleanup()
 
@@ -180,15 +190,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warmup(cfgs, device, size, batch) -> None:
-    """One forward/backward of a single model and of the K-stack, so neither timing pays first-call costs."""
+def _warmup(cfgs, device, size, batch, layouts) -> None:
+    """One forward/backward of a single model and of each K-stack, so no timing pays first-call costs."""
     from maskfer.parallel import StackedModel
     from maskfer.train import build_model
 
     models = [build_model(c, 512) for c in cfgs]
     x = torch.randn(batch, 3, size, size, device=device)
     f = torch.randn(batch, 512, device=device)
-    for m in (models[0].to(device), StackedModel(models).to(device)):
+    for m in [models[0].to(device)] + [StackedModel(models, lay).to(device) for lay in layouts]:
         m.train()
         m(x, f)["logits"].sum().backward()
     _sync(device)

@@ -28,11 +28,13 @@ def _errors():
     from maskfer.config import ConfigError
     from maskfer.data import DataError
     from maskfer.evaluate import EvalError
+    from maskfer.report import ReportError
+    from maskfer.sweep import SweepError
     from maskfer.rundir import RunDirError
     from maskfer.train import TrainError
 
     return (StoreError, EncoderError, ManifestError, BackboneLoadError, ConfigError, DataError, EvalError,
-            RunDirError, TrainError)
+            RunDirError, TrainError, ReportError, SweepError)
 
 
 def _run(fn):
@@ -89,7 +91,7 @@ def main():
 @click.option("--noise-std", default=0.0, show_default=True, type=float, help="Gaussian pixel noise std (0 = off).")
 @click.option("--balanced", is_flag=True, help="Class-balanced sampling.")
 @click.option("--online-encoder", is_flag=True, help="Recompute features from every augmented batch (slow, for comparison).")
-@click.option("--val-split", default=None, help="Split of the training dataset evaluated each epoch (model selection).")
+@click.option("--val-split", default=None, help="Validation split of the training dataset evaluated each epoch (model selection), or holdout:FRACTION to hold out a stratified part of its train split.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=0, show_default=True, type=int, help="Decode threads when images come from --root.")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
@@ -207,6 +209,114 @@ def predict(run, inputs, out_file, device, batch_size):
                     click.echo(f"{r['path']}: {r['prediction']}  (" + ", ".join(f"{c} {p:.3f}" for c, p in top) + ")")
         if out_file:
             click.echo(f"wrote {len(res)} predictions to {out_file}")
+
+    _run(go)
+
+
+@main.command()
+@click.option("--cache", default=None, type=click.Path(dir_okay=False, exists=True), help="Feature store.")
+@click.option("--train", "train_spec", default=None, metavar="DATASET[:SPLIT]", help="Training set.")
+@click.option("--test", default=None, metavar="DS1,DS2,...", help="Test sets evaluated for every configuration.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumed when it exists).")
+@click.option("--grid", "grids", multiple=True, metavar="AXIS=V1,V2,...",
+              help="A grid axis: any training option (lambda, beta, drop, seed, lr, epochs, backbone, ...). Repeat.")
+@click.option("--sweep-file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="A TOML file with [base] options and [grid] axes (lists); --grid and --set add to it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A fixed training option for every configuration, e.g. --set epochs=10 --set image-size=112.")
+@click.option("--val-split", default=None, help="Validation split of the training dataset used for model selection "
+                                                "[default: val].")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1),
+              help="Train K configurations at once on one device, sharing each batch.")
+@click.option("--device", default=None, help="Training device [default: auto].")
+@click.option("--dry-run", is_flag=True, help="Check the grid and list the configurations; train nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, parallel, device, dry_run, quiet):
+    """Train a grid of configurations over one feature store (the encoder never runs).
+
+    Everything is checked before training starts. Finished configurations are skipped, so a
+    killed sweep continues where it stopped. The summary (summary.md/.csv/.json) gives every
+    configuration x test set as mean +- std over seeds and marks the one selected on the
+    validation split of the training dataset (never on the test sets).
+
+    \b
+    Examples:
+      maskfer sweep --cache features.h5 --train ferplus --test ferplus,muxspace --out sweeps/lb \\
+          --grid lambda=0.5,1.5,5 --grid beta=1,5,10 --grid seed=0,1,2 --set epochs=10
+      maskfer sweep --sweep-file sweep.toml --out sweeps/from_file --parallel 8
+    """
+    def go():
+        from maskfer.config import TrainConfig
+        from maskfer.sweep import SweepError, coerce, field_name, load_sweep_file, parse_grid, plan_sweep, run_sweep
+
+        base, grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
+        for pair in sets:
+            k, eq, v = pair.partition("=")
+            if not eq:
+                raise SweepError(f"--set {pair!r}: expected KEY=VALUE")
+            name = field_name(k) if k.strip() not in ("cache", "train") else k.strip()
+            base[name] = coerce(name, v, f"--set {k}")
+        extra = parse_grid(list(grids))
+        clash = sorted(set(extra) & set(grid))
+        if clash:
+            raise SweepError(f"axis {', '.join(clash)} given both in {sweep_file} and with --grid")
+        grid.update(extra)
+        for key, val in (("cache", cache), ("train", train_spec), ("device", device), ("val_split", val_split)):
+            if val is not None:
+                base[key] = val
+        if test is not None:
+            base["test"] = [t for t in test.split(",") if t]
+        base.setdefault("val_split", "val")
+        for req in ("cache", "train"):
+            if not base.get(req):
+                raise SweepError(f"--{req} is required (or set it in the sweep file's [base])")
+        cfg = TrainConfig.from_dict(base)
+        if dry_run:
+            points = plan_sweep(cfg, grid, Path(out))
+            for rid, _, _ in points:
+                click.echo(rid)
+            click.echo(f"{len(points)} configurations; nothing trained (--dry-run)")
+            return
+        summary = run_sweep(cfg, grid, out, parallel=parallel, progress=not quiet, log=_log)
+        click.echo((Path(out) / "summary.md").read_text())
+
+    _run(go)
+
+
+@main.command()
+@click.argument("path", metavar="RUN_OR_SWEEP_DIR", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output folder for index.html and the figures [default: RUN_OR_SWEEP_DIR/report].")
+@click.option("--baseline", default=None, metavar="RUN", type=click.Path(file_okay=False, exists=True),
+              help="A --method baseline run: its backbone features are the t-SNE's second panel "
+                   "[default: the raw cached features F].")
+@click.option("--test", default=None, metavar="DS[:SPLIT]",
+              help="Test set of the t-SNE [default: the first test set outside the training dataset].")
+@click.option("--max-points", default=2000, show_default=True, type=int, help="t-SNE subsample (fixed seed).")
+@click.option("--cache", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Feature store for the t-SNE [default: the run's own].")
+@click.option("--no-tsne", is_flag=True, help="Skip the t-SNE (faster; scikit-learn not needed).")
+@click.option("--device", default="cpu", show_default=True, help="Device for the t-SNE features.")
+def report(path, out, baseline, test, max_points, cache, no_tsne, device):
+    """Figures and one HTML page (index.html) for a run or a sweep directory.
+
+    \b
+    A run: config, training curves, confusion matrix and per-class accuracy per test set,
+    t-SNE of the masked features vs a baseline's (or the raw features) on an unseen test set.
+    A sweep: lambda x beta heat-maps (validation and test accuracy), the summary table, and
+    the selected run's report. Needs the extra: pip install 'cafe-fer[report]'.
+
+    \b
+    Examples:
+      maskfer report runs/cafe --baseline runs/baseline
+      maskfer report sweeps/lam_beta --out reports/lam_beta
+    """
+    def go():
+        from maskfer.report import write_report
+
+        index = write_report(path, out=out, baseline=baseline, test=test, max_points=max_points, device=device,
+                             cache=cache, tsne=not no_tsne, log=_log)
+        click.echo(f"wrote {index}")
 
     _run(go)
 

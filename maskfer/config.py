@@ -47,7 +47,7 @@ class TrainConfig:
     noise_std: float = 0.0            # Gaussian noise on normalised images; 0 = off
     balanced: bool = False            # class-balanced sampling (AffectNet needs it)
     online_encoder: bool = False      # recompute features from each augmented batch (slow; for comparison)
-    val_split: str | None = None      # split of the training dataset used for model selection
+    val_split: str | None = None      # model selection: a split of the training dataset, or holdout:FRACTION of its train split
     device: str = "auto"
     workers: int = 0                  # decode workers when images come from the dataset root
     root: str | None = None           # dataset root override when the store has no cached images

@@ -83,6 +83,44 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def subset(self, keep: np.ndarray, name: str) -> "SplitData":
+        t = torch.from_numpy(np.flatnonzero(keep))
+        return SplitData(name, self.dataset, self.split, self.rows[keep], self.ids[keep], self.labels[t],
+                         self.feats[t], self.bank)
+
+
+HOLDOUT_SEED = 20240  # fixed, independent of the run seed: every run of a sweep holds out the same rows
+
+
+def parse_holdout(val_split: str | None) -> float | None:
+    """'holdout:0.1' -> 0.1 (a fraction of the training split held out for validation); else None."""
+    if not val_split or not val_split.startswith("holdout:"):
+        return None
+    try:
+        frac = float(val_split.split(":", 1)[1])
+    except ValueError:
+        frac = -1.0
+    if not 0 < frac < 1:
+        raise DataError(f"--val-split {val_split!r}: expected holdout:FRACTION with 0 < FRACTION < 1, e.g. holdout:0.1")
+    return frac
+
+
+def holdout_split(data: SplitData, fraction: float) -> tuple[SplitData, SplitData]:
+    """Stratified: the same fraction of every class goes to validation (at least one where a class has 2+)."""
+    labels = data.labels.numpy()
+    rng = np.random.default_rng(HOLDOUT_SEED)
+    val = np.zeros(len(labels), dtype=bool)
+    order = rng.permutation(len(labels))
+    for c in np.unique(labels):  # a handful of classes, not samples: fine outside the training step
+        members = order[labels[order] == c]
+        k = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)
+        val[members[:k]] = True
+    if not val.any() or val.all():
+        raise DataError(f"{data.name}: holding out {fraction:.0%} leaves an empty training or validation set")
+    return data.subset(~val, data.name), data.subset(val, f"{data.name}[holdout {fraction:g}]")
+
 
 def resolve_encoder(ds: DatasetView, key: str | None) -> str:
     keys = ds.encoders()

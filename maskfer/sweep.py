@@ -157,7 +157,7 @@ def expand(base: TrainConfig, grid: dict[str, list]) -> list[tuple[str, dict, Tr
 
 
 def _check_dir(out: Path, base: TrainConfig, grid: dict) -> None:
-    record = {"base": base.identity(), "grid": grid}
+    record = {"base": base.identity(), "grid": grid, "axes": list(grid)}  # json sorts keys; keep axis order
     f = out / SWEEP_FILE
     if f.exists():
         old = rundir.read_json(f)

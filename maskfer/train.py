@@ -19,7 +19,7 @@ from featcache.progress import progress_bar
 from maskfer import rundir
 from maskfer.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch, prepare_images
 from maskfer.config import ConfigError, TrainConfig
-from maskfer.data import DataError, SplitData, load_split
+from maskfer.data import DataError, SplitData, holdout_split, load_split, parse_holdout
 from maskfer.model import BaselineModel, LinearProbe, MaskModel, cafe_loss
 
 NUM_CLASSES = 7
@@ -84,7 +84,10 @@ class Trainer:
             self.train_data, self.enc_info = load_split(
                 cfg.cache, cfg.train, "train", cfg.encoder, need_images, cfg.image_size, cfg.root, cfg.workers)
             self.val_data = None
-            if cfg.val_split:
+            holdout = parse_holdout(cfg.val_split)
+            if holdout:
+                self.train_data, self.val_data = holdout_split(self.train_data, holdout)
+            elif cfg.val_split:
                 name = cfg.train.partition(":")[0]
                 self.val_data, _ = load_split(cfg.cache, f"{name}:{cfg.val_split}", cfg.val_split, self.enc_info["key"],
                                               uses_images(cfg), cfg.image_size, cfg.root, cfg.workers)
