@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -148,6 +149,7 @@ def main(argv=None) -> None:
     print("configurations: " + "; ".join(f"lam {c.lam} beta {c.beta} drop {c.drop} seed {c.seed}" for c in cfgs))
 
     def sequential() -> tuple[float, float]:
+        shutil.rmtree(work / "seq", ignore_errors=True)  # a kept --workdir must not resume old runs
         outs = [work / "seq" / f"run{i}" for i in range(len(cfgs))]
         t0 = time.perf_counter()
         for cfg, out in zip(cfgs, outs):
@@ -155,6 +157,7 @@ def main(argv=None) -> None:
         return time.perf_counter() - t0, sum(_loop_s(o, n_images) for o in outs)
 
     def parallel(layout: str) -> tuple[float, float]:
+        shutil.rmtree(work / f"par-{layout}", ignore_errors=True)
         outs = [work / f"par-{layout}" / f"run{i}" for i in range(len(cfgs))]
         t0 = time.perf_counter()
         train_parallel(cfgs, outs, progress=False, log=lambda m: None, layout=layout)

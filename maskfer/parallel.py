@@ -5,8 +5,8 @@ and calls :func:`train_parallel` once per group. Many small models fill a GPU fa
 than one; the data pipeline (store read, decode, augmentation, host->device copy) runs once
 per batch instead of K times.
 
-Design: grouped convolutions, not ``torch.func.vmap``
------------------------------------------------------
+Design: one fused module (grouped convolutions), not ``torch.func.vmap``
+------------------------------------------------------------------------
 The K models are fused into ONE ordinary ``nn.Module`` (:class:`StackedModel`) whose tensors
 carry the K models side by side along the channel axis ("channel-concatenated layout"):
 
@@ -22,12 +22,15 @@ carry the K models side by side along the channel axis ("channel-concatenated la
 * parameter-free modules (ReLU, pooling, residual adds, flatten) are channel-agnostic and
   run unchanged, so the backbone's own ``forward`` drives the fused network.
 
-Why not ``torch.func.stack_module_state`` + ``vmap(functional_call)``: BatchNorm's running
-statistics are updated IN PLACE during the forward, which vmap refuses for unbatched buffers
-unless BN is rewritten to not track them (``replace_all_batch_norm_modules_``), i.e. a
-different model; vmap also lowers batched convolutions to grouped convolutions itself, so it
-would not be faster. The fused module keeps every stacked tensor at the MaskModel key name
-with the K slices along dim 0: unstacking is slicing, one ordinary Adam over it is exactly K
+Why not ``torch.func.stack_module_state`` + ``vmap(functional_call)``: (1) vmap's batching rule
+for a convolution with batched weights IS a grouped convolution (the model axis is folded into
+``groups``), so it would run the same kernels with extra indirection; (2) BatchNorm updates its
+running statistics in place during the forward; under vmap the stacked buffers must be passed
+in, updated and written back each step, and the documented functorch recipe for BN
+(``replace_all_batch_norm_modules_``) simply stops tracking them, which changes the model;
+(3) the fused module is an ordinary ``nn.Module``: ordinary Adam over its parameters,
+ordinary state dict, no functional plumbing. Every stacked tensor keeps the MaskModel key name
+with the K slices along dim 0: unstacking is slicing, one Adam over the stack is exactly K
 independent Adams (Adam is elementwise; lr, weight decay and gamma are shared fields), and
 with K = 1 it IS the sequential model (same modules, same kernels), so a K = 1 group
 reproduces :class:`maskfer.train.Trainer` bit for bit on CPU (tests check it).
@@ -41,7 +44,8 @@ Two backbone layouts, same everything else (``train_parallel(layout=...)``):
   optimizer stay fused and vectorised. Reason, measured on this project's CPU (oneDNN 3.12,
   torch 2.13, resnet18, 112 px, batch 32, K = 8, one thread): a grouped convolution forward +
   backward took ~1.75x the time of the K ordinary convolutions it replaces (17.6 s vs
-  10.0 s per step), and channels-last or the non-oneDNN path did not help. A CPU has no idle
+  10.0 s per step), and channels-last or the non-oneDNN path did not help; end to end
+  (benchmarks/sweep_parallel.py) grouped ran at 0.65x the sequential runs, loop at 1.00x. A CPU has no idle
   parallelism for the wide kernel to use, so there the group saves the repeated data
   pipeline and per-run overhead and runs the convolutions as fast as the sequential runs.
   Each model then computes exactly what it computes alone (bitwise), BN included.
@@ -63,6 +67,15 @@ come from generators seeded by ``(cfgs[0].seed, epoch)`` exactly as ``Trainer`` 
 then ``build_model``, exactly as Trainer). Hence K = 1 equals the sequential run, and with
 K > 1 each model differs from its own sequential run only in the data stream (order,
 augmentation, and the drop scores, which are drawn for all K models at once).
+
+Metrics
+-------
+Each run's metrics.jsonl has Trainer's keys (epoch, lr, train_loss/_ce/_sep/_div, train_acc,
+val_acc when ``val_split`` is set, evaluated for all K models in one batched pass) and:
+``images_per_s`` = images of the shared batch stream per second, i.e. how fast THIS run
+trained (the group's model-images/s divided by K); ``group_model_images_per_s`` = K x that,
+the group's throughput, comparable with the sum of sequential runs' ``images_per_s``;
+``parallel_k`` = the number of models trained together in that epoch.
 
 Resume
 ------
@@ -108,6 +121,8 @@ __all__ = [
     "stacked_cafe_loss",
     "LAYOUTS",
     "default_layout",
+    "stack_modules",
+    "unsupported_for_grouping",
     "predict_logits_stacked",
     "train_parallel",
 ]
@@ -238,32 +253,47 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def unsupported_for_grouping(module: nn.Module, shared_input: bool = True) -> str | None:
+    """Why ``module`` cannot be fused by :func:`stack_modules` (None when it can)."""
+    supported = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    first_conv = shared_input
+    for name, m in module.named_modules():
+        if isinstance(m, supported):
+            if first_conv and isinstance(m, nn.Conv2d):
+                if m.groups != 1:
+                    return f"{name}: the input convolution has groups={m.groups}"
+                first_conv = False
+            elif first_conv and name:
+                return f"{name}: a {type(m).__name__} before the first convolution would see the shared input"
+        elif any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            return (f"module {name or '(root)'} of type {type(m).__name__} has parameters or buffers; only Conv2d, "
+                    "BatchNorm2d and Linear layers are fused")
+    return None
+
+
 def stack_modules(modules: list[nn.Module], shared_input: bool = False) -> nn.Module:
     """A copy of ``modules[0]`` whose Conv2d / BatchNorm2d / Linear leaves hold all K modules' weights.
 
     ``shared_input``: the module's input is the same for every model (images for a backbone,
     features for a linear probe): its FIRST Conv2d (in registration order, the stem of every
     registered backbone) or a top-level Linear then reads that input once.
-    Raises NotImplementedError for any other module type that owns parameters or buffers.
+    Raises NotImplementedError when :func:`unsupported_for_grouping` names a reason.
     """
     supported = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
     if isinstance(modules[0], supported):
         return _stack_leaf(modules, "", shared_input)
+    reason = unsupported_for_grouping(modules[0], shared_input)
+    if reason:
+        raise NotImplementedError(f"cannot fuse {type(modules[0]).__name__} with grouped convolutions: {reason} "
+                                  "(use layout='loop')")
     stacked = copy.deepcopy(modules[0])
     first_conv = shared_input
     for name, m in list(stacked.named_modules()):
         if isinstance(m, supported):
             peers = [mod.get_submodule(name) for mod in modules]
             shared = first_conv and isinstance(m, nn.Conv2d)
-            if shared:
-                first_conv = False
-            elif isinstance(m, nn.Linear) and first_conv:
-                raise NotImplementedError(f"{name}: a Linear before the first convolution cannot be stacked")
+            first_conv = first_conv and not shared
             _set_submodule(stacked, name, _stack_leaf(peers, name, shared))
-        elif any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
-            raise NotImplementedError(
-                f"cannot stack module {name or '(root)'} of type {type(m).__name__}: parallel training fuses only "
-                "Conv2d, BatchNorm2d and Linear layers (train this backbone with --parallel 1)")
     return stacked
 
 
@@ -665,6 +695,16 @@ class _Group:
         self.data = Trainer(cfgs[0], outs[0], progress=False, log=log)
         self.device, self.feat_dim = self.data.device, self.data.feat_dim
         self.layout = default_layout(self.device) if layout == "auto" else layout
+        if cfgs[0].method != "linear-probe" and self.layout == "grouped":
+            from maskfer.backbones import create_backbone
+
+            reason = unsupported_for_grouping(create_backbone(cfgs[0].backbone))
+            if reason and layout == "auto":
+                log(f"note: backbone {cfgs[0].backbone!r} cannot be fused ({reason}); its K copies run in a loop")
+                self.layout = "loop"
+            elif reason:
+                raise ConfigError(f"layout 'grouped' cannot fuse backbone {cfgs[0].backbone!r}: {reason}; "
+                                  "use layout 'loop' or 'auto'")
         smallest = self.feat_dim // NUM_CLASSES
         for i, cfg in enumerate(cfgs):
             if cfg.method == "cafe" and cfg.separation and cfg.drop >= smallest:
