@@ -18,9 +18,11 @@ compared (there are no absolute-time assertions):
    functions; the ratio is computed on the whole ``build_store`` wall time. Goal: ratio >= 0.9.
 
 2. **Peak RSS vs dataset size.** One fresh subprocess per size runs ``build_store`` alone, so the
-   sizes cannot contaminate each other. Reported per size: ``ru_maxrss`` of the build process
-   (RUSAGE_SELF), the largest ``ru_maxrss`` among its reaped DataLoader workers (RUSAGE_CHILDREN is
-   a max, not a sum), and the peak of the process tree's summed PSS sampled from
+   sizes cannot contaminate each other. Reported per size: the peak RSS of the build process
+   (``VmHWM`` of /proc/self/status; not ``RUSAGE_SELF.ru_maxrss``, which Linux carries across execve
+   and so would report this benchmark's own peak), the largest ``ru_maxrss`` among its reaped
+   DataLoader workers (RUSAGE_CHILDREN is a max, not a sum), and the peak of the process tree's summed
+   PSS sampled from
    /proc/<pid>/smaps_rollup every 50 ms (PSS splits pages the forked workers share with the parent,
    so the sum is not double-counted). Goal: flat, i.e. memory independent of dataset size.
 
@@ -346,8 +348,10 @@ def rss_child(args) -> None:
     b = timed_build(Path(args.rss_child_out), Path(args.rss_child_manifest), Path(args.rss_child_root),
                     args.model, args)
     wall = time.perf_counter() - t
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # VmHWM, not RUSAGE_SELF.ru_maxrss: Linux carries ru_maxrss across execve, so a child started from
+    # this benchmark's (large, B/32-holding) parent would report the parent's peak. VmHWM is per address space.
+    self_kb = _proc_kb(os.getpid(), "VmHWM")
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # forked workers (no exec): their own peak
     print(json.dumps({"base_rss_kb": base_rss, "self_maxrss_kb": self_kb, "children_maxrss_kb": child_kb,
                       "wall": wall, "rows": b["rows"], "phases": b["phases"]}))
 

@@ -246,20 +246,31 @@ def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, para
       maskfer sweep --sweep-file sweep.toml --out sweeps/from_file --parallel 8
     """
     def go():
+        from rich.markup import escape
+
+        try:
+            sweep_go()
+        except _errors() as e:  # printed as rich markup: "[base]", "[grid]" would vanish from the message
+            from maskfer.sweep import SweepError
+
+            raise SweepError(escape(str(e))) from None
+
+    def sweep_go():
         from maskfer.config import TrainConfig
-        from maskfer.sweep import SweepError, coerce, field_name, load_sweep_file, parse_grid, plan_sweep, run_sweep
+        from maskfer.sweep import (SweepError, axis_label, coerce, field_name, load_sweep_file, parse_grid,
+                                   plan_sweep, run_sweep)
 
         base, grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
         for pair in sets:
             k, eq, v = pair.partition("=")
             if not eq:
                 raise SweepError(f"--set {pair!r}: expected KEY=VALUE")
-            name = field_name(k) if k.strip() not in ("cache", "train") else k.strip()
+            name = field_name(k, "--set option") if k.strip() not in ("cache", "train") else k.strip()
             base[name] = coerce(name, v, f"--set {k}")
         extra = parse_grid(list(grids))
         clash = sorted(set(extra) & set(grid))
         if clash:
-            raise SweepError(f"axis {', '.join(clash)} given both in {sweep_file} and with --grid")
+            raise SweepError(f"axis {', '.join(map(axis_label, clash))} given both in {sweep_file} and with --grid")
         grid.update(extra)
         for key, val in (("cache", cache), ("train", train_spec), ("device", device), ("val_split", val_split)):
             if val is not None:
@@ -272,7 +283,7 @@ def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, para
                 raise SweepError(f"--{req} is required (or set it in the sweep file's [base])")
         cfg = TrainConfig.from_dict(base)
         if dry_run:
-            points = plan_sweep(cfg, grid, Path(out))
+            points = plan_sweep(cfg, grid, Path(out), write=False)
             for rid, _, _ in points:
                 click.echo(rid)
             click.echo(f"{len(points)} configurations; nothing trained (--dry-run)")

@@ -262,7 +262,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled modules/optimisers are refused by weights_only
+        raise BackboneLoadError(f"{path}: cannot read as a weights-only torch file: {exc}") from exc
     # Training scripts save {"state_dict": ..., "epoch": ...} and the like; descend to the weights.
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)

@@ -35,13 +35,13 @@ class SweepError(Exception):
 
 
 # ---------------------------------------------------------------------------- parsing
-def field_name(axis: str) -> str:
+def field_name(axis: str, what: str = "grid axis") -> str:
     name = axis.strip().lstrip("-").replace("-", "_")
     name = ALIASES.get(name, name)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if name not in fields or name in NOT_AXES:
         valid = sorted(({a for a in ALIASES} | fields) - set(NOT_AXES) - {"lam"})
-        raise SweepError(f"grid axis {axis!r} names no training option; options: {', '.join(valid)}")
+        raise SweepError(f"{what} {axis!r} names no training option; options: {', '.join(valid)}")
     return name
 
 
@@ -56,7 +56,8 @@ def coerce(name: str, value, where: str):
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if args else tp
     if typing.get_origin(tp) is list or typing.get_origin(base) is list:
-        items = value if isinstance(value, list) else [v for v in str(value).split("+") if v]
+        # a TOML list, or "a+b" / "a,b" (inside --grid the comma separates values, so use '+')
+        items = value if isinstance(value, list) else [v.strip() for v in re.split(r"[+,]", str(value)) if v.strip()]
         return [str(v) for v in items]
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
         return None
@@ -102,8 +103,23 @@ def parse_grid(pairs: list[str]) -> dict[str, list]:
             raise SweepError(f"--grid {pair!r}: the axis {axis!r} has no values")
         if name in grid:
             raise SweepError(f"--grid: axis {axis!r} given twice")
-        grid[name] = [coerce(name, v, f"--grid {axis}") for v in vals]
+        grid[name] = _distinct([coerce(name, v, f"--grid {axis}") for v in vals], f"--grid {axis}")
     return grid
+
+
+def _distinct(values: list, where: str) -> list:
+    """The same value twice would be the same run directory twice (and count twice in the summary)."""
+    seen = []
+    for v in values:
+        if v in seen:
+            raise SweepError(f"{where}: the value {v!r} is given twice")
+        seen.append(v)
+    return values
+
+
+def axis_label(name: str) -> str:
+    """TrainConfig field -> the spelling a user types (lam -> lambda)."""
+    return {v: k for k, v in ALIASES.items()}.get(name, name)
 
 
 def load_sweep_file(path: str | Path) -> tuple[dict, dict[str, list]]:
@@ -116,11 +132,17 @@ def load_sweep_file(path: str | Path) -> tuple[dict, dict[str, list]]:
     unknown = sorted(set(raw) - {"base", "grid"})
     if unknown:
         raise SweepError(f"{path}: unknown table(s) {', '.join(unknown)}; a sweep file has [base] and [grid]")
+    for table in ("base", "grid"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise SweepError(f"{path}: {table!r} must be a table ([{table}]), not a single value")
     base = {}
     for k, v in raw.get("base", {}).items():
         name = ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
         if name not in _field_types():
-            raise SweepError(f"{path}: [base] option {k!r} is not a training option")
+            valid = sorted(set(ALIASES) | set(_field_types()) - {"lam"})
+            raise SweepError(f"{path}: [base] option {k!r} is not a training option; options: {', '.join(valid)}")
+        if name in base:
+            raise SweepError(f"{path}: [base] option {k!r} is given twice (as {axis_label(name)!r} and {name!r})")
         base[name] = coerce(name, v, f"{path} [base] {k}")
     grid = {}
     for k, v in raw.get("grid", {}).items():
@@ -128,7 +150,9 @@ def load_sweep_file(path: str | Path) -> tuple[dict, dict[str, list]]:
         vals = v if isinstance(v, list) else [v]
         if not vals:
             raise SweepError(f"{path}: [grid] axis {k!r} has no values")
-        grid[name] = [coerce(name, x, f"{path} [grid] {k}") for x in vals]
+        if name in grid:
+            raise SweepError(f"{path}: [grid] axis {k!r} is given twice (as {axis_label(name)!r} and {name!r})")
+        grid[name] = _distinct([coerce(name, x, f"{path} [grid] {k}") for x in vals], f"{path} [grid] {k}")
     return base, grid
 
 
@@ -153,10 +177,27 @@ def expand(base: TrainConfig, grid: dict[str, list]) -> list[tuple[str, dict, Tr
         except ConfigError as e:
             raise SweepError(f"grid point {point_id(point)}: {e}") from None
         points.append((point_id(point), point, cfg))
+    ids = [rid for rid, _, _ in points]
+    clash = next((rid for rid in ids if ids.count(rid) > 1), None)
+    if clash:
+        raise SweepError(f"two grid points would share the run directory runs/{clash}: make the axis values "
+                         "differ in letters, digits or '._+-=' (other characters become '-')")
     return points
 
 
-def _check_dir(out: Path, base: TrainConfig, grid: dict) -> None:
+def _stored_order(out: Path, grid: dict[str, list]) -> dict[str, list]:
+    """The axis order of an existing sweep directory: run directories are named in axis order, so the same
+    grid given with its axes in another order must not start the sweep over under new names."""
+    f = out / SWEEP_FILE
+    if not f.exists():
+        return grid
+    axes = rundir.read_json(f).get("axes") or []
+    if sorted(axes) != sorted(grid):
+        return grid
+    return {a: grid[a] for a in axes}
+
+
+def _check_dir(out: Path, base: TrainConfig, grid: dict, write: bool = True) -> None:
     record = {"base": base.identity(), "grid": grid, "axes": list(grid)}  # json sorts keys; keep axis order
     f = out / SWEEP_FILE
     if f.exists():
@@ -165,27 +206,158 @@ def _check_dir(out: Path, base: TrainConfig, grid: dict) -> None:
             diff = [k for k in set(old.get("grid", {})) | set(grid) if old.get("grid", {}).get(k) != grid.get(k)]
             bdiff = [k for k in record["base"] if old.get("base", {}).get(k) != record["base"][k]]
             raise SweepError(
-                f"sweep directory {out} was made by another sweep (grid differs in: {', '.join(sorted(diff)) or '-'}; "
-                f"base options differ in: {', '.join(sorted(bdiff)) or '-'}). Use a new --out."
+                f"sweep directory {out} was made by another sweep (grid differs in: "
+                f"{', '.join(sorted(axis_label(k) for k in diff)) or '-'}; "
+                f"base options differ in: {', '.join(sorted(axis_label(k) for k in bdiff)) or '-'}). Use a new --out."
             )
-    else:
+    elif write:
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_json(f, record)
 
 
+def _rows_of(store, spec: str, default: str):
+    """(dataset view, split, rows) of DATASET[:SPLIT] as maskfer.data.load_split resolves it, without reading
+    features or images."""
+    from maskfer.config import split_spec
+    from maskfer.data import DataError
+
+    name, split = split_spec(spec, default)
+    ds = store.dataset(name)
+    if split not in ds.split_names() and split != "all" and ds.split_names() == ["all"] and split == "test":
+        split = "all"
+    rows = ds.indices(split)
+    if rows.size == 0:
+        raise DataError(f"split {name}:{split} in {store.path} is empty (dataset {name!r} has {len(ds)} rows)")
+    return ds, split, rows
+
+
+def _check_images(ds, cfg: TrainConfig) -> None:
+    from maskfer.data import DataError
+
+    if not ds.image_sizes() and not Path(cfg.root or ds.root).exists():
+        raise DataError(
+            f"dataset {ds.name!r} has no cached images in {ds.store.path} and its root {cfg.root or ds.root} is not "
+            "there: pass --set root=DATASET_DIR, or rebuild the store with `featcache build --image-size S`")
+
+
+def _check_data(cfg: TrainConfig, stores: dict) -> None:
+    """What only the feature store knows about one configuration (what Trainer and evaluate_run would
+    refuse after the sweep has started): datasets, splits, encoder, its feature dim against --drop,
+    cached images, the validation split, the test sets."""
+    from featcache import open_store
+    from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder
+    from maskfer.train import NUM_CLASSES, uses_images
+
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"--pretrained {cfg.pretrained}: no such file")
+    if cfg.online_encoder and cfg.method == "baseline":
+        raise ConfigError("--online-encoder needs features: use it with --method cafe or linear-probe")
+    if cfg.cache not in stores:
+        stores[cfg.cache] = open_store(cfg.cache)
+    store = stores[cfg.cache]
+    ds, split, rows = _rows_of(store, cfg.train, "train")
+    key = resolve_encoder(ds, cfg.encoder)
+    info = ds.encoder_info(key)
+    dim = int(info["dim"])
+    smallest = dim // NUM_CLASSES
+    if cfg.method == "cafe" and cfg.separation and cfg.drop >= smallest:
+        raise ConfigError(
+            f"--drop {cfg.drop}: features of encoder {key!r} have {dim} channels, so each of the {NUM_CLASSES} "
+            f"class groups has {smallest}+ channels; drop at most {smallest - 1}")
+    if uses_images(cfg) or cfg.online_encoder:
+        _check_images(ds, cfg)
+    holdout = parse_holdout(cfg.val_split)
+    if holdout:
+        import torch
+
+        labels = torch.from_numpy(ds.labels[rows])
+        holdout_split(SplitData(f"{ds.name}:{split}", ds.name, split, rows, rows, labels,
+                                torch.zeros(len(rows), 0), None), holdout)
+    elif cfg.val_split:
+        from featcache import StoreError
+
+        try:
+            _rows_of(store, f"{ds.name}:{cfg.val_split}", cfg.val_split)
+        except (StoreError, DataError) as e:
+            raise DataError(f"--val-split {cfg.val_split}: {e}; without a validation split, hold out part of the "
+                            "training split with --val-split holdout:0.1") from None
+    for spec in cfg.test:
+        tds, tsplit, _ = _rows_of(store, spec, "test")
+        tinfo = tds.encoder_info(resolve_encoder(tds, key))
+        if tinfo.get("fingerprint") != info.get("fingerprint") or int(tinfo["dim"]) != dim:
+            raise DataError(
+                f"test set {spec} in {cfg.cache} has encoder {key!r} features (dim {tinfo['dim']}, fingerprint "
+                f"{tinfo.get('fingerprint')}) unlike the training set {cfg.train} (dim {dim}, fingerprint "
+                f"{info.get('fingerprint')}): build the test set with the same --model")
+        if uses_images(cfg):
+            _check_images(tds, cfg)
+
+
+_DATA_FIELDS = ("cache", "train", "encoder", "val_split", "test", "method", "separation", "drop", "online_encoder",
+                "pretrained", "root")
+
+
+def check_data(points) -> None:
+    """:func:`_check_data` for every configuration (once per distinct set of the fields it reads)."""
+    from featcache import StoreError
+    from maskfer.data import DataError
+
+    stores: dict = {}
+    seen = set()
+    try:
+        for rid, _, cfg in points:
+            key = json.dumps([getattr(cfg, k) for k in _DATA_FIELDS], default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                _check_data(cfg, stores)
+            except ConfigError as e:
+                raise SweepError(f"grid point {rid}: {e}") from None
+            except (StoreError, DataError) as e:
+                raise SweepError(str(e)) from None
+    finally:
+        for s in stores.values():
+            s.close()
+
+
 def _finished(run: Path, cfg: TrainConfig) -> bool:
+    """Trained to the last epoch (the test results are checked separately: :func:`_has_results`)."""
     rows = rundir.read_metrics(run)
-    done = len(rows) >= cfg.epochs and (run / rundir.LAST).exists()
-    return done and (not cfg.test or (run / rundir.RESULTS).exists())
+    return len(rows) >= cfg.epochs and (run / rundir.LAST).exists()
 
 
-def plan_sweep(base: TrainConfig, grid: dict[str, list], out: Path) -> list[tuple[str, dict, TrainConfig]]:
-    """Validate everything and prepare the directory; no training."""
+def _has_results(run: Path, cfg: TrainConfig) -> bool:
+    """results.json holds exactly this configuration's test sets (the sweep may be rerun with another --test)."""
+    from maskfer.config import split_spec
+
+    if not cfg.test:
+        return True
+    if not (run / rundir.RESULTS).exists():
+        return False
+    have = set(rundir.read_json(run / rundir.RESULTS).get("tests", {}))
+    matched = set()
+    for spec in cfg.test:
+        name, split = split_spec(spec, "test")
+        hit = {f"{name}:{split}", *([f"{name}:all"] if split == "test" else [])} & have
+        if not hit:
+            return False
+        matched |= hit
+    return matched == have
+
+
+def plan_sweep(base: TrainConfig, grid: dict[str, list], out: Path, write: bool = True) -> list[tuple[str, dict, TrainConfig]]:
+    """Validate everything and (``write``) prepare the directory; no training. ``write=False`` (--dry-run)
+    checks the same things, an existing directory included, and creates nothing."""
+    out = Path(out)
     if not base.val_split:
         raise SweepError("a sweep selects its model on a validation split of the training dataset: "
                          "give --val-split (e.g. val)")
+    grid = _stored_order(out, grid)
     points = expand(base, grid)
-    _check_dir(out, base, grid)
+    _check_dir(out, base, grid, write=False)  # a wrong directory is reported before the slower data checks
+    check_data(points)
+    _check_dir(out, base, grid, write=write)
     return points
 
 
@@ -195,16 +367,16 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, paralle
     from maskfer.train import Trainer
 
     out = Path(out)
+    grid = _stored_order(out, grid)
     points = plan_sweep(base, grid, out)
     todo = [(rid, p, c) for rid, p, c in points if not _finished(out / "runs" / rid, c)]
     log(f"sweep {out}: {len(points)} configurations, {len(points) - len(todo)} already finished")
     if parallel > 1 and todo:
-        from maskfer.parallel import PARALLEL_FIELDS, train_parallel
+        from maskfer.parallel import group_key, train_parallel
 
         groups: dict[str, list] = {}
         for rid, p, c in todo:
-            key = json.dumps({k: v for k, v in c.to_dict().items() if k not in PARALLEL_FIELDS}, sort_keys=True)
-            groups.setdefault(key, []).append((rid, p, c))
+            groups.setdefault(group_key(c), []).append((rid, p, c))
         for members in groups.values():
             for s in range(0, len(members), parallel):
                 chunk = members[s:s + parallel]
@@ -221,6 +393,10 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, paralle
             trainer.run()
             if c.test:
                 evaluate_run(out / "runs" / rid, c.cache, c.test, trainer=trainer, log=log)
+    # trained earlier but killed before its evaluation, or the sweep is rerun with other --test sets
+    for rid, _, c in points:
+        if not _has_results(out / "runs" / rid, c):
+            evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log)
     return summarize_sweep(out, points, grid)
 
 
