@@ -6,6 +6,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -25,7 +26,7 @@ def friendly_errors(*error_types):
             try:
                 return fn(*a, **kw)
             except error_types as e:
-                err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+                err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
                 sys.exit(1)
             except KeyboardInterrupt:
                 err_console.print("[yellow]interrupted[/]: everything already written is kept; rerun to resume")

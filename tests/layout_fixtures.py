@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from featcache.taxonomy import CLASSES
 
 
 def write_image(path: Path, size: int | tuple[int, int] = 16, mode: str = "RGB") -> Path:
@@ -178,6 +179,14 @@ def make_ckplus48(root) -> Path:
     return root
 
 
+def make_demo(root) -> Path:
+    """The layout `maskfer demo` generates: train/<class>/ and test/<class>/ (taxonomy class names)."""
+    root = Path(root)
+    _class_folders(root / "train", CLASSES, 2, ".png")
+    _class_folders(root / "test", CLASSES, 1, ".png")
+    return root
+
+
 def make_folders(root) -> Path:
     """The generic folders manifest's default: class folders directly under the root."""
     root = Path(root)
@@ -246,7 +255,7 @@ def make_csv(root) -> Path:
 
 LAYOUT_MAKERS = {
     "rafdb": make_rafdb, "ferplus": make_ferplus, "affectnet": make_affectnet, "affectnet_npy": make_affectnet_npy,
-    "sfew": make_sfew, "mma": make_mma, "ckplus": make_ckplus, "ckplus48": make_ckplus48,
+    "sfew": make_sfew, "mma": make_mma, "demo": make_demo, "ckplus": make_ckplus, "ckplus48": make_ckplus48,
     "muxspace": make_muxspace, "folders": make_folders, "csv": make_csv,
 }
 
@@ -259,6 +268,7 @@ EXPECTED = {
     "affectnet": ({"train": 7, "val": 2}, {"contempt": 2, "none": 1, "unknown": 1, "not-a-face": 1}, 0),
     "affectnet_npy": ({"train": 4, "val": 2}, {"contempt": 1}, 0),
     "sfew": ({"train": 14, "val": 7}, {}, 0),
+    "demo": ({"train": 14, "test": 7}, {}, 0),
     "mma": ({"train": 14, "val": 7, "test": 7}, {}, 0),
     "ckplus": ({"all": 3}, {"contempt": 1, "unlabelled": 1}, 0),
     "ckplus48": ({"all": 12}, {"contempt": 2}, 0),
