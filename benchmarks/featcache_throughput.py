@@ -16,15 +16,18 @@ compared (there are no absolute-time assertions):
    wall time is split into setup (listing + encoder load + journal), pipeline (``_run``: workers ->
    encoder -> journal shards) and commit (``_commit``: HDF5 copy + rename) by wrapping those module
    functions; the ratio is computed on the whole ``build_store`` wall time. Goal: ratio >= 0.9.
+   Also printed: the CPU-time ratio (encoder-only CPU seconds / build CPU seconds, reaped DataLoader
+   workers included), which moves far less than wall time when other users load the machine.
 
 2. **Peak RSS vs dataset size.** One fresh subprocess per size runs ``build_store`` alone, so the
    sizes cannot contaminate each other. Reported per size: the peak RSS of the build process
    (``VmHWM`` of /proc/self/status; not ``RUSAGE_SELF.ru_maxrss``, which Linux carries across execve
    and so would report this benchmark's own peak), the largest ``ru_maxrss`` among its reaped
    DataLoader workers (RUSAGE_CHILDREN is a max, not a sum), and the peak of the process tree's summed
-   PSS sampled from
-   /proc/<pid>/smaps_rollup every 50 ms (PSS splits pages the forked workers share with the parent,
-   so the sum is not double-counted). Goal: flat, i.e. memory independent of dataset size.
+   PSS sampled from /proc/<pid>/smaps_rollup every 50 ms (PSS splits the pages the forked workers
+   share with the parent, so the sum does not count them twice). Goal: flat, i.e. memory independent
+   of dataset size. A build of a few hundred images ends before the DataLoader's prefetch queue and
+   the heap reach their steady level, so compare sizes of a few thousand (see docs/benchmarks.md).
 
 Encoder. No CLIP weights can be downloaded here, so by default the script builds a RANDOM-INITIALISED
 CLIP ViT-B/32 vision tower with projection (transformers ``CLIPVisionConfig`` B/32: hidden 768,
@@ -293,9 +296,14 @@ def ratio_section(args, model: str, model_desc: str, data_desc: str, manifest: P
     dev = resolve_device(args.device)
     enc = create_encoder(model, device=str(dev))
     items = list_items(load_manifest(str(manifest)), root).items
-    t = time.perf_counter()
-    pix = [enc.preprocess(load_image(it.path, it.box)) for it in items]
-    prep = time.perf_counter() - t
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the build's workers (_worker_init): torch-based preprocessing with 2
+    try:                      # threads on a busy 2-core machine is ~40x slower per image (OpenMP wake-ups)
+        t = time.perf_counter()
+        pix = [enc.preprocess(load_image(it.path, it.box)) for it in items]
+        prep = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
     batches = [torch.stack(pix[i:i + args.batch_size]) for i in range(0, len(pix), args.batch_size)]
     if dev.type == "cuda":
         batches = [b.pin_memory() for b in batches]
@@ -306,8 +314,8 @@ def ratio_section(args, model: str, model_desc: str, data_desc: str, manifest: P
     print(f"   model={model_desc}  device={dev}  precision={used}  batch={args.batch_size}  "
           f"workers={args.resolved_workers}  views=2 (image + flip)  image_size={args.image_size or 'none'}")
     print(f"   images={data_desc}")
-    print(f"   decode+preprocess in one process, for reference: {prep / n * 1e3:.1f} ms/image "
-          f"({n / prep:.0f} img/s on 1 core)")
+    print(f"   decode+preprocess in one process with 1 torch thread (as a worker does), for reference: "
+          f"{prep / n * 1e3:.1f} ms/image ({n / prep:.0f} img/s on 1 core)")
     rows = []
     for r in range(1, args.rounds + 1):
         la0 = loadavg()
@@ -457,7 +465,7 @@ def main() -> None:
                                  (args.n_large, not args.skip_rss)) if on]
         data_desc, manifests = make_data(tmp / "data", args.images, args.fer_root, sizes)
 
-        def resolve(spec: str, label: str) -> tuple[str, str]:
+        def resolve(spec: str) -> tuple[str, str]:
             if spec == "random-b32":
                 return str(make_clip(tmp / "clip-vit-b32-random", B32)), \
                     f"random-init CLIP ViT-B/32 vision tower + projection ({describe_arch(B32)})"
@@ -466,11 +474,11 @@ def main() -> None:
                     f"tiny random CLIP ({describe_arch(TINY)}), same 224 px CLIP processor"
             return spec, spec
 
-        model, model_desc = resolve(args.model, "model")
+        model, model_desc = resolve(args.model)
         if not args.skip_ratio:
             ratio_section(args, model, model_desc, data_desc, manifests[args.n_ratio], tmp / "data", tmp)
         if not args.skip_rss:
-            rss_model, rss_desc = (model, model_desc) if args.rss_model == "same" else resolve(args.rss_model, "rss")
+            rss_model, rss_desc = (model, model_desc) if args.rss_model == "same" else resolve(args.rss_model)
             rss_section(args, rss_model, rss_desc, data_desc, manifests, tmp / "data", tmp)
     print(f"\n   total benchmark wall time {time.perf_counter() - t_start:.0f} s; load avg at end {loadavg()}")
 

@@ -16,7 +16,6 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -95,12 +94,6 @@ class Journal:
     def next_seq(self) -> int:
         paths = self.shard_paths()
         return int(paths[-1].name[6:15]) + 1 if paths else 0
-
-    def shards(self) -> Iterator[dict[str, np.ndarray]]:
-        """Shards one at a time, so committing needs memory for one shard, not the dataset."""
-        for p in self.shard_paths():
-            with np.load(p, allow_pickle=False) as z:
-                yield {k: z[k] for k in z.files}
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
