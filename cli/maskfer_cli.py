@@ -67,8 +67,9 @@ def main():
 @click.option("--method", default="cafe", show_default=True, type=click.Choice(["cafe", "baseline", "linear-probe"]),
               help="cafe: mask CNN on cached features; baseline: backbone+FC on images; linear-probe: FC on features.")
 @click.option("--backbone", default="resnet18", show_default=True, help="resnet18, resnet50 or mobilenet_v2.")
-@click.option("--pretrained", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="torchvision-format state dict (.pth/.safetensors) to initialise the backbone, e.g. MS-Celeb-1M ResNet-18.")
+@click.option("--pretrained", default=None, metavar="FILE|imagenet|URL|hf://OWNER/REPO/FILE",
+              help="Backbone initialisation: a torchvision-format state dict (.pth/.safetensors, e.g. the MS-Celeb-1M "
+                   "ResNet-18 FER papers use), or, online, torchvision's ImageNet weights, a URL or a hub file.")
 @click.option("--encoder", default=None, metavar="KEY", help="Encoder key in the store [default: the only one].")
 @click.option("--epochs", default=60, show_default=True, type=int)
 @click.option("--batch-size", default=32, show_default=True, type=int)
@@ -246,16 +247,6 @@ def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, para
       maskfer sweep --sweep-file sweep.toml --out sweeps/from_file --parallel 8
     """
     def go():
-        from rich.markup import escape
-
-        try:
-            sweep_go()
-        except _errors() as e:  # printed as rich markup: "[base]", "[grid]" would vanish from the message
-            from maskfer.sweep import SweepError
-
-            raise SweepError(escape(str(e))) from None
-
-    def sweep_go():
         from maskfer.config import TrainConfig
         from maskfer.sweep import (SweepError, axis_label, coerce, field_name, load_sweep_file, parse_grid,
                                    plan_sweep, run_sweep)

@@ -54,23 +54,67 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# torchvision's published ImageNet weights (torchvision-format state dicts), fetched when online.
+IMAGENET_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+}
+_HUB_WORDS = {"imagenet", "hub", "torchvision", "default", "true"}
+
+
+def is_remote_pretrained(spec: str | os.PathLike) -> bool:
+    s = str(spec)
+    return s.lower() in _HUB_WORDS or s.startswith(("http://", "https://", "file://", "hf://"))
+
+
+def resolve_pretrained(name: str, pretrained: str | os.PathLike) -> Path:
+    """A local weights file for ``pretrained``: a path as is; "imagenet" (torchvision's weights),
+    an http(s)/file URL, or "hf://OWNER/REPO/FILE" (a file of a Hugging Face hub repository) are
+    downloaded once into the usual caches. Offline, those raise a clear BackboneLoadError."""
+    spec = str(pretrained)
+    url = IMAGENET_URLS.get(name) if spec.lower() in _HUB_WORDS else None
+    if spec.lower() in _HUB_WORDS and url is None:
+        raise BackboneLoadError(f"no published ImageNet weights known for backbone {name!r}; pass a weights file")
+    if spec.startswith(("http://", "https://", "file://")):
+        url = spec
+    try:
+        if url is not None:
+            import torch.hub
+
+            fname = os.path.basename(url.split("?")[0])
+            dest = Path(torch.hub.get_dir()) / "checkpoints" / fname
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(dest), progress=False)
+            return dest
+        if spec.startswith("hf://"):
+            from huggingface_hub import hf_hub_download
+
+            parts = spec[len("hf://"):].split("/")
+            if len(parts) < 3:
+                raise BackboneLoadError(f"--pretrained {spec!r}: expected hf://OWNER/REPO/PATH/TO/FILE")
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    except BackboneLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - URLError, OSError, hub errors: all mean "could not fetch"
+        raise BackboneLoadError(
+            f"cannot download pretrained weights {spec!r} for {name} ({type(e).__name__}: {e}); "
+            "without network access, download a torchvision-format .pth/.safetensors file elsewhere "
+            "and pass its path"
+        ) from e
+    return Path(spec)
+
+
 def create_backbone(name: str = "resnet18", pretrained: str | os.PathLike | None = None) -> nn.Module:
-    """Build backbone ``name``. Pass ``pretrained`` as a weights file path (.pth/.pt/.safetensors)
-    to load it, or leave it None for random init. The hub names ("imagenet", "hub",
-    "torchvision") would need a download and raise a clear error instead.
-    """
+    """Build backbone ``name``: random init, or ``pretrained`` weights (see :func:`resolve_pretrained`:
+    a torchvision-format file, "imagenet", a URL or hf://OWNER/REPO/FILE), with a load report."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     model = _REGISTRY[name]()
     model.load_report = None
     if pretrained is not None:
-        if str(pretrained).lower() in {"imagenet", "hub", "torchvision", "default", "true"}:
-            raise BackboneLoadError(
-                f"pretrained={pretrained!r} needs network access to download {name} weights, which "
-                "this project does not do; download a torchvision-format .pth/.safetensors file "
-                "and pass its path instead"
-            )
-        model.load_report = load_state_dict_file(model, pretrained)
+        model.load_report = load_state_dict_file(model, resolve_pretrained(name, pretrained))
     return model
 
 

@@ -25,7 +25,7 @@ class TrainConfig:
     test: list[str] = field(default_factory=list)  # DATASET[:SPLIT] evaluated after training
     method: str = "cafe"              # cafe | baseline | linear-probe
     backbone: str = "resnet18"        # mask CNN (cafe) or end-to-end model (baseline)
-    pretrained: str | None = None     # torchvision-format state dict file for the backbone
+    pretrained: str | None = None     # backbone init: torchvision-format file, or imagenet / URL / hf://… (online)
     encoder: str | None = None        # store encoder key; default: the dataset's only encoder
     epochs: int = 60
     batch_size: int = 32
@@ -73,6 +73,13 @@ class TrainConfig:
             raise ConfigError("--lr must be > 0 and --gamma in (0, 1]")
         if self.drop < 0 or not 0 <= self.erasing <= 1 or self.noise_std < 0:
             raise ConfigError("--drop and --noise-std must be >= 0, --erasing in [0, 1]")
+        if self.pretrained:
+            from pathlib import Path
+
+            from maskfer.backbones import is_remote_pretrained
+
+            if not is_remote_pretrained(self.pretrained) and not Path(self.pretrained).is_file():
+                raise ConfigError(f"--pretrained {self.pretrained}: no such file (or use imagenet, a URL or hf://...)")
         if not self.train:
             raise ConfigError("--train DATASET[:SPLIT] is required")
         return self

@@ -248,8 +248,6 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
     from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder
     from maskfer.train import NUM_CLASSES, uses_images
 
-    if cfg.pretrained and not Path(cfg.pretrained).is_file():
-        raise ConfigError(f"--pretrained {cfg.pretrained}: no such file")
     if cfg.online_encoder and cfg.method == "baseline":
         raise ConfigError("--online-encoder needs features: use it with --method cafe or linear-probe")
     if cfg.cache not in stores:

@@ -100,8 +100,41 @@ def test_other_architecture_is_refused(tmp_path):
     assert "r50.pth" in str(err.value) and "layer1.0.conv1.weight" in str(err.value)
 
 
-def test_hub_names_need_network_and_missing_file_is_clear(tmp_path):
-    with pytest.raises(BackboneLoadError, match="network"):
+def test_hub_names_need_network_and_missing_file_is_clear(tmp_path, monkeypatch):
+    import urllib.error
+
+    import huggingface_hub
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(BackboneLoadError, match="cannot download pretrained weights 'imagenet'.*network"):
         create_backbone("resnet18", pretrained="imagenet")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(BackboneLoadError, match="hf://me/repo/r18.pth"):
+        create_backbone("resnet18", pretrained="hf://me/repo/r18.pth")
+    with pytest.raises(BackboneLoadError, match="expected hf://OWNER/REPO"):
+        create_backbone("resnet18", pretrained="hf://only-owner")
     with pytest.raises(BackboneLoadError, match="not found"):
         create_backbone("resnet18", pretrained=tmp_path / "nope.pth")
+
+
+def test_weights_from_a_url_are_downloaded_once_and_loaded(tmp_path, monkeypatch):
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    src = create_backbone("resnet18")
+    path = tmp_path / "published-r18.pth"
+    torch.save(src.state_dict(), path)
+    calls = []
+    real = torch.hub.download_url_to_file
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (calls.append(a[0]), real(*a, **k)))
+    for _ in range(2):
+        model = create_backbone("resnet18", pretrained=path.as_uri())
+        assert model.load_report.matched and not model.load_report.missing
+        assert torch.equal(model.state_dict()["conv1.weight"], src.state_dict()["conv1.weight"])
+    assert calls == [path.as_uri()]  # the second build reads the cached file
