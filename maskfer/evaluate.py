@@ -26,6 +26,7 @@ class EvalError(Exception):
 
 @torch.no_grad()
 def predict_logits(model, data: SplitData, image_size: int, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+    """Logits of every row, batched: (N, L), or (N, K, L) for maskfer.parallel's stacked model."""
     model.eval()
     out = []
     for s in range(0, len(data), batch_size):

@@ -106,6 +106,7 @@ from torch import nn
 from featcache.progress import progress_bar
 from maskfer import rundir
 from maskfer.config import ConfigError, TrainConfig
+from maskfer.evaluate import predict_logits
 from maskfer.model import BaselineModel, LinearProbe, MaskModel
 from maskfer.separation import ChannelGroups, channel_groups
 
@@ -123,7 +124,6 @@ __all__ = [
     "default_layout",
     "stack_modules",
     "unsupported_for_grouping",
-    "predict_logits_stacked",
     "train_parallel",
 ]
 
@@ -652,24 +652,6 @@ def stacked_cafe_loss(out: dict[str, torch.Tensor], y: torch.Tensor, spec: LossS
 
 
 # ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def predict_logits_stacked(model: StackedModel, data, image_size: int, device: torch.device,
-                           batch_size: int = 128) -> torch.Tensor:
-    """maskfer.evaluate.predict_logits for all K models at once -> (N, K, L) on the CPU."""
-    from maskfer.augment import prepare_images
-
-    model.eval()
-    out = []
-    for s in range(0, len(data), batch_size):
-        pos = torch.arange(s, min(s + batch_size, len(data)))
-        feats = data.feats[pos, 0].to(device)  # evaluation uses the original (unflipped) view
-        x = None
-        if data.bank is not None:
-            x = prepare_images(data.bank.get(data.rows[pos.numpy()]).to(device), image_size)
-        out.append(model(x, feats)["logits"].float().cpu())
-    return torch.cat(out) if out else torch.empty(0, model.k, model.num_classes)
-
-
 # ---------------------------------------------------------------------------- training
 def _checkpoint_epoch(path: Path) -> int:
     """Epoch of a checkpoint from its metadata alone (-1 when there is none)."""
@@ -847,7 +829,7 @@ class _Group:
             lr = opt.param_groups[0]["lr"]
             val_acc = None
             if data.val_data is not None:
-                logits = predict_logits_stacked(stacked, data.val_data, cfg0.image_size, dev)
+                logits = predict_logits(stacked, data.val_data, cfg0.image_size, dev)  # (N, K, L) for a stacked model
                 labels = data.val_data.labels.numpy()
                 val_acc = [eval_metrics(labels, logits[:, j].argmax(1).numpy())["accuracy"] for j in range(ka)]
             opt_sd = opt.state_dict()

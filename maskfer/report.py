@@ -31,6 +31,7 @@ import numpy as np
 
 from featcache.taxonomy import CLASSES
 from maskfer import rundir
+from maskfer.sweep import test_columns
 
 __all__ = ["write_report", "ReportError", "INSTALL_HINT"]
 
@@ -757,15 +758,6 @@ def _grid_in_run_order(sweep: Path, grid: dict) -> dict:
     return {a: grid[a] for a in best}
 
 
-def _tests_of(summary: dict) -> list[str]:
-    seen: list[str] = []
-    for r in summary["rows"]:
-        for t in r["tests"]:
-            if t not in seen:
-                seen.append(t)
-    return seen
-
-
 def _grid_order(summary: dict) -> list[str]:
     """Grid axes in the sweep's own order (summary.json stores the grid with sorted keys; 'axes' keeps the order)."""
     axes = [a for a in summary.get("axes", []) if a in summary["grid"]]
@@ -815,7 +807,7 @@ def sweep_page(sweep: Path, out: Path, *, baseline=None, test=None, max_points=2
     record = rundir.read_json(sweep / "sweep.json") if (sweep / "sweep.json").exists() else {}
     base = record.get("base", {})
     page = Page(f"CAFE report: sweep {sweep.resolve().name}")
-    tests = _tests_of(summary)
+    tests = test_columns(summary)
 
     page.heading(2, "Sweep", "config")
     n_runs = sum(len(r["runs"]) for r in summary["rows"])

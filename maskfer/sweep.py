@@ -442,7 +442,8 @@ def _std(v):
     return float(np.std(v, ddof=1)) if len(v) > 1 else (0.0 if v else None)
 
 
-def _tests(summary) -> list[str]:
+def test_columns(summary: dict) -> list[str]:
+    """The test sets of a summary, in first-seen order."""
     seen: list[str] = []
     for r in summary["rows"]:
         for t in r["tests"]:
@@ -456,7 +457,7 @@ def _pm(m, s):
 
 
 def summary_markdown(summary: dict) -> str:
-    tests = _tests(summary)
+    tests = test_columns(summary)
     head = ["", *[("lambda" if a == "lam" else a) for a in summary["axes"]], "seeds", "val (select)", *tests]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
@@ -473,7 +474,7 @@ def summary_csv(summary: dict) -> str:
     import csv
     import io
 
-    tests = _tests(summary)
+    tests = test_columns(summary)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["selected", *summary["axes"], "n_seeds", "val_mean", "val_std",
