@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import sys
 
-import click
 from rich.console import Console
 from rich.markup import escape
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from cli.common import err_console, friendly_errors, wide_console

@@ -279,7 +279,7 @@ def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, para
                 click.echo(rid)
             click.echo(f"{len(points)} configurations; nothing trained (--dry-run)")
             return
-        summary = run_sweep(cfg, grid, out, parallel=parallel, progress=not quiet, log=_log)
+        run_sweep(cfg, grid, out, parallel=parallel, progress=not quiet, log=_log)
         click.echo((Path(out) / "summary.md").read_text())
 
     _run(go)

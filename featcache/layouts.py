@@ -10,7 +10,6 @@ duplicates and sorts. A new kind is one decorated function; nothing dispatches o
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator

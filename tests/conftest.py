@@ -66,3 +66,16 @@ def fer_data_dir() -> Path:
     if not root.is_dir():
         pytest.skip(f"real FER data not found at {root}")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread for the whole suite: on a small shared machine two threads oversubscribe
+    the cores and run several times slower, and a fixed count keeps CPU results bit-identical between
+    runs (the resume tests compare them)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -134,17 +134,6 @@ def metrics_without_speed(run: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- pytest fixtures (import them by name)
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine two threads oversubscribe and run ~5x slower,
-    and a fixed thread count keeps CPU results bit-identical between runs (resume tests compare them)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -29,15 +29,6 @@ from featcache.taxonomy import CLASSES
 SIZE = 12  # --image-size of the all-layouts store
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The encoder runs in this process: one intra-op thread is much faster on a small, shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ helpers
 def decode(item) -> Image.Image:
     """The image as the build should see it, decoded here with plain PIL (independent of featcache.images)."""
@@ -84,7 +75,7 @@ def flat(text: str) -> str:
     return text.replace("\n", "")
 
 
-def run_cli(*args) -> "click.testing.Result":
+def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import layout_fixtures as fx
@@ -16,15 +15,6 @@ from cli.featcache_cli import main as cli
 from featcache import open_store
 from featcache.build import BuildError, build_store
 from featcache.manifests import ManifestError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The encoder runs in this process: one intra-op thread is much faster on a small, shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def flat(text: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import maskfer_fixtures as mf
-from maskfer_fixtures import fx_base, one_thread, store  # noqa: F401 - pytest fixtures
+from maskfer_fixtures import fx_base, store  # noqa: F401 - pytest fixtures
 from featcache import open_store
 from featcache.taxonomy import CLASSES
 from maskfer.augment import prepare_images
@@ -18,7 +18,6 @@ from maskfer.evaluate import (EvalError, cross_table, evaluate_run, load_run, me
                               write_tables)
 from maskfer.predict import predict
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- metrics by hand
@@ -85,13 +84,13 @@ def test_cross_table_markdown_csv_json(tmp_path):
 
 # ---------------------------------------------------------------- evaluate_run on trained runs
 @pytest.fixture
-def cafe_run(one_thread, store, fx_base):
+def cafe_run(store, fx_base):
     # trained at 12 px from the store's 16 px image cache: eval and predict must both resize 16 -> 12
     return mf.trained_run(fx_base, store, "eval-cafe", method="cafe", image_size=12, lr=5e-3, epochs=2)
 
 
 @pytest.fixture
-def probe_run(one_thread, store, fx_base):
+def probe_run(store, fx_base):
     return mf.trained_run(fx_base, store, "eval-probe", method="linear-probe", lr=5e-2, epochs=3)
 
 

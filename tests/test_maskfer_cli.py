@@ -16,13 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 import maskfer_fixtures as mf
-from maskfer_fixtures import fx_base, one_thread, store  # noqa: F401 - pytest fixtures
+from maskfer_fixtures import fx_base, store  # noqa: F401 - pytest fixtures
 from cli.maskfer_cli import main, train as train_cmd
 from featcache.taxonomy import CLASSES
 from maskfer import rundir
 from maskfer.config import TrainConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 # CLI parameter name -> TrainConfig field; "no_*" flags are the negation of a True-by-default field
@@ -120,7 +119,7 @@ def test_cli_options_reach_the_config(store, tmp_path):
 
 
 @pytest.fixture
-def two_runs(one_thread, store, fx_base):
+def two_runs(store, fx_base):
     a = mf.trained_run(fx_base, store, "cli-cafe", method="cafe", lr=5e-3)
     b = mf.trained_run(fx_base, store, "cli-probe", method="linear-probe", lr=5e-2, epochs=2)
     return a, b

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import maskfer_fixtures as mf
-from maskfer_fixtures import fx_base, one_thread, store  # noqa: F401 - pytest fixtures
+from maskfer_fixtures import fx_base, store  # noqa: F401 - pytest fixtures
 from featcache import StoreError
 from featcache import store as st
 from maskfer.backbones import BackboneLoadError
@@ -14,7 +14,6 @@ from maskfer.config import ConfigError, TrainConfig
 from maskfer.evaluate import EvalError, evaluate_run
 from maskfer.train import TrainError, Trainer, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(cfg, out):
@@ -22,7 +21,7 @@ def _train(cfg, out):
 
 
 @pytest.fixture
-def probe_run(one_thread, store, fx_base):
+def probe_run(store, fx_base):
     return mf.trained_run(fx_base, store, "errors-probe", method="linear-probe", epochs=1)
 
 

@@ -41,15 +41,6 @@ from maskfer_fixtures import build, make_colour_dataset, quiet, small_cfg
 TIMING = {"images_per_s", "group_model_images_per_s", "parallel_k"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: two OpenMP threads contending run ~10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _models(kind, seeds, sigmoids=None, feat_dim=16, mask_map="auto", dtype=torch.float64):
     out = []
     for i, seed in enumerate(seeds):

@@ -20,15 +20,6 @@ from featcache.taxonomy import CLASSES
 pytestmark = pytest.mark.realdata
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The encoder runs in this process: one intra-op thread is much faster on a small, shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 

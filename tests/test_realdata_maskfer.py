@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import maskfer_fixtures as mf
-from maskfer_fixtures import one_thread  # noqa: F401 - pytest fixture
 from featcache import open_store
 from featcache.build import build_store
 from featcache.taxonomy import CLASSES
@@ -22,7 +21,7 @@ from maskfer.evaluate import load_run, predict_logits
 from maskfer.predict import predict
 from maskfer.train import train
 
-pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.realdata
 
 
 def test_muxspace_build_train_eval_predict(fer_data_dir, tiny_clip_dir, tmp_path):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import maskfer_fixtures as mf
-from maskfer_fixtures import one_thread  # noqa: F401 - pytest fixture
 from featcache.taxonomy import CLASSES
 
 from maskfer import rundir
@@ -22,7 +21,6 @@ from maskfer.report import ReportError, heatmap_cells, load_summary, pct, pct_pm
 
 EXTRA = "the report tests need the optional extra: pip install 'cafe-fer[report]'"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 _CACHE: dict = {}
 SWEEP_GRID = {"lam": [0.5, 1.5], "beta": [1.0, 5.0]}

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import maskfer_fixtures as mf
-from maskfer_fixtures import one_thread  # noqa: F401 - pytest fixture
 from test_report import EXTRA, read_page, report_fixtures
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -47,7 +46,6 @@ def chromium(*args: str, user_dir: Path, timeout: int = 90) -> subprocess.Comple
                           text=True, timeout=timeout)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_every_figure_loads_in_headless_chromium(tmp_path_factory, tmp_path, tiny_clip_dir):
     pytest.importorskip("matplotlib", reason=EXTRA)
     pytest.importorskip("sklearn", reason=EXTRA)

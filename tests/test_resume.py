@@ -20,7 +20,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import layout_fixtures as fx
@@ -34,15 +33,6 @@ TESTS = Path(__file__).resolve().parent
 MODEL, KEY = "plugin_encoders:tiny_encoder", "tiny-enc"
 N, BATCH, SIZE = 300, 4, 16
 CLASSES = ("happy", "sad", "angry", "neutral", "surprise", "fear")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The encoder runs in this process: one intra-op thread is much faster on a small, shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "tiny-clip"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The encoder runs in this process: one intra-op thread is much faster on a small, shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_clip_dir):
     base = tmp_path_factory.mktemp("read")

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import maskfer_fixtures as mf
@@ -35,15 +34,6 @@ from maskfer.train import Trainer
 
 TESTS = ["domA", "domB"]                      # the train domain's test split and an unseen domain
 RESOLVED_TESTS = {"domA:test", "domB:test"}   # their names in results.json
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The cores are shared with other work; one thread also keeps CPU results bit-identical between runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +265,7 @@ RUNS = ["lambda=0.5_seed=0", "lambda=0.5_seed=1", "lambda=1.5_seed=0", "lambda=1
 
 
 @pytest.fixture(scope="module")
-def reference(store, tmp_path_factory, one_thread) -> Path:
+def reference(store, tmp_path_factory) -> Path:
     """An uninterrupted 4-configuration sweep, 2 epochs each."""
     out = tmp_path_factory.mktemp("ref") / "sweep"
     sweep(store, out, GRID, epochs=2)

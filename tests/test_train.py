@@ -10,14 +10,13 @@ import torch
 from safetensors import safe_open
 
 import maskfer_fixtures as mf
-from maskfer_fixtures import fx_base, one_thread, store  # noqa: F401 - pytest fixtures
+from maskfer_fixtures import fx_base, store  # noqa: F401 - pytest fixtures
 from maskfer import rundir
 from maskfer import train as train_mod
 from maskfer.augment import augment_batch
 from maskfer.config import TrainConfig
 from maskfer.train import Trainer, TrainError, build_model, epoch_order, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = {
     "cafe": dict(method="cafe"),
@@ -178,7 +177,7 @@ def _resume_cfg(store, **kw):
 
 
 @pytest.fixture
-def reference_run(one_thread, store, fx_base):
+def reference_run(store, fx_base):
     """An uninterrupted 3-epoch run (trained once per session)."""
     return mf.trained_run(fx_base, store, "resume-reference", train="domB", method="cafe", epochs=3, lr=1e-3)
 
