@@ -15,13 +15,14 @@ def _errors():
     global _ERRORS
     if not _ERRORS:
         from featcache.build import BuildError
+        from featcache.devices import DeviceError
         from featcache.encoders import EncoderError
         from featcache.images import ImageError
         from featcache.journal import LockedError
         from featcache.manifests import ManifestError
         from featcache.store import StoreError
 
-        _ERRORS = (BuildError, EncoderError, ImageError, LockedError, ManifestError, StoreError)
+        _ERRORS = (BuildError, DeviceError, EncoderError, ImageError, LockedError, ManifestError, StoreError)
     return _ERRORS
 
 

@@ -22,6 +22,7 @@ def _defaults():
 
 def _errors():
     from featcache import StoreError
+    from featcache.devices import DeviceError
     from featcache.encoders import EncoderError
     from featcache.manifests import ManifestError
     from maskfer.backbones import BackboneLoadError
@@ -34,7 +35,7 @@ def _errors():
     from maskfer.train import TrainError
 
     return (StoreError, EncoderError, ManifestError, BackboneLoadError, ConfigError, DataError, EvalError,
-            RunDirError, TrainError, ReportError, SweepError)
+            RunDirError, TrainError, ReportError, SweepError, DeviceError)
 
 
 def _run(fn):

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import featcache
 from featcache import store as st
+from featcache.devices import DeviceError, resolve_device
 from featcache.encoders import Encoder, create_encoder, fingerprint
 from featcache.images import ImageError, load_image, resize_uint8
 from featcache.journal import Journal, _fsync_dir, discard, pending_plans, store_lock
@@ -100,14 +101,6 @@ def _worker_init(_):
 
 
 # --------------------------------------------------------------------------- helpers
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BuildError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(device)
-
-
 def _autocast(device: torch.device, precision: str):
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
@@ -218,7 +211,10 @@ def build_store(
         raise BuildError(f"dataset {manifest.name!r} under {root} has no labelled images to encode")
     problems = [(p.item_id or "", p.where, p.reason) for p in listing.problems]
 
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except DeviceError as e:
+        raise BuildError(str(e)) from None
     enc = create_encoder(model, device=str(dev))
     enc.module.to(dev)
     key = encoder_key or enc.name

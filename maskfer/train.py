@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from featcache.devices import DeviceError, resolve_device  # noqa: F401 - maskfer modules import it from here
 from featcache.progress import progress_bar
 from maskfer import rundir
 from maskfer.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch, prepare_images
@@ -26,14 +27,6 @@ NUM_CLASSES = 7
 
 class TrainError(Exception):
     pass
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"--device {device}: no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 def build_model(cfg: TrainConfig, feat_dim: int) -> torch.nn.Module:
@@ -76,7 +69,10 @@ class Batch:
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, progress: bool = True, log=print):
         self.cfg, self.out, self.progress, self.log = cfg.validate(), Path(out), progress, log
-        self.device = resolve_device(cfg.device)
+        try:
+            self.device = resolve_device(cfg.device)
+        except DeviceError as e:
+            raise TrainError(str(e)) from None
         try:
             # --online-encoder recomputes features from augmented images, so even the linear probe needs them.
             need_images = uses_images(cfg) or cfg.online_encoder
