@@ -360,6 +360,9 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
             ok[idx] = z["ok"]
             reasons[idx] = z["reason"]
     failed = [(items[i].id, str(items[i].path), str(reasons[i])) for i in np.flatnonzero(~ok)]
+    if not ok.any():
+        raise BuildError(f"no image of {ds_name!r} could be encoded ({len(failed)} failed; first: {failed[0][2]}); "
+                         "nothing was added to the store")
     row_of = np.cumsum(ok) - 1  # work index -> store row (failed items get no row)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     if out.exists():

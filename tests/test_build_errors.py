@@ -213,3 +213,16 @@ def test_failure_keeps_encoded_batches_and_skip_resumes(tmp_path, tiny_clip_dir)
     assert a.ids.tolist() == b.ids.tolist() and a.labels.tolist() == b.labels.tolist()
     np.testing.assert_allclose(a.features("tiny-clip"), b.features("tiny-clip"), rtol=1e-6, atol=1e-6)
     assert [s[0] for s in a.skipped] == [s[0] for s in b.skipped] == ["neutral/neutral_001.jpg"]
+
+
+def test_a_dataset_whose_every_image_fails_is_a_clear_error_not_an_empty_group(tmp_path, tiny_clip_dir):
+    from featcache.build import BuildError, build_store
+
+    root = tmp_path / "broken"
+    for cls in ("happy", "sad"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "a.jpg").write_bytes(b"")  # zero-byte: undecodable
+    out = tmp_path / "f.h5"
+    with pytest.raises(BuildError, match="no image of 'folders' could be encoded"):
+        build_store(out, "folders", root, model=tiny_clip_dir, on_error="skip", progress=False, workers=0)
+    assert not out.exists()
