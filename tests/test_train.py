@@ -356,3 +356,36 @@ def test_online_encoder_trains(online_store, tmp_path, monkeypatch, method):
     rows = rundir.read_metrics(tmp_path / "run")
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["online_encoder"] is True
+
+
+def test_without_cached_images_training_decodes_from_the_dataset_root(tmp_path, tiny_clip_dir):
+    """A store built without --image-size: images come from the root recorded in the store (or --root)."""
+    import shutil
+
+    import numpy as np
+
+    from featcache.images import load_image, resize_uint8
+    from maskfer.data import RootBank
+    from maskfer.train import Trainer
+    from maskfer_fixtures import build, make_colour_dataset, quiet, small_cfg
+
+    root = make_colour_dataset(tmp_path / "dom", {"train": 2, "test": 1}, seed=3)
+    store = tmp_path / "nocache.h5"
+    build(store, "dom", root, tiny_clip_dir, ("train", "test"), image_size=None)
+    cfg = small_cfg(store, train="dom", test=["dom"], workers=2)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False, log=quiet)
+    bank = trainer.train_data.bank
+    assert isinstance(bank, RootBank)
+    rows = trainer.train_data.rows[:3]
+    expected = np.stack([resize_uint8(load_image(root / i), cfg.image_size) for i in trainer.train_data.ids[:3]])
+    assert np.array_equal(bank.get(rows).numpy(), expected)
+    trainer.run()
+    assert (tmp_path / "run" / "checkpoint_last.safetensors").exists()
+
+    # The root moved: the recorded path fails with a message naming --root; --root fixes it.
+    moved = tmp_path / "moved"
+    shutil.move(root, moved)
+    with pytest.raises(TrainError, match="--root"):
+        Trainer(small_cfg(store, train="dom"), tmp_path / "run2", progress=False, log=quiet)
+    t2 = Trainer(small_cfg(store, train="dom", root=str(moved)), tmp_path / "run2", progress=False, log=quiet)
+    assert isinstance(t2.train_data.bank, RootBank)
