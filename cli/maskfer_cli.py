@@ -56,6 +56,9 @@ def main():
       maskfer train --cache features.h5 --train ferplus --test ferplus,muxspace --out runs/cafe
       maskfer eval --run runs/cafe --run runs/baseline --test ferplus,muxspace
       maskfer predict --run runs/cafe photo.jpg faces/
+      maskfer sweep --cache features.h5 --train ferplus --out sweeps/lb --grid lambda=0.5,1.5,5 --grid seed=0,1,2
+      maskfer report runs/cafe --baseline runs/baseline
+      maskfer demo
     """
 
 
