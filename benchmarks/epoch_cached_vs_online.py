@@ -34,17 +34,10 @@ from PIL import Image  # noqa: E402
 
 
 def save_random_vit_b32(path: Path, seed: int = 0) -> Path:
-    """CLIPVisionModelWithProjection(CLIPVisionConfig()) = ViT-B/32 shapes, random weights + CLIP processor."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    """ViT-B/32 shapes (CLIPVisionConfig defaults), random weights + the CLIP processor (224 px)."""
+    from featcache.encoders.random_clip import VIT_B32, save_random_clip
 
-    try:  # transformers 5: the PIL-backed processor (what featcache's hf-clip encoder loads)
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-    except ImportError:
-        from transformers import CLIPImageProcessor as Proc
-    torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig()).save_pretrained(path)
-    Proc().save_pretrained(path)  # defaults: shortest edge 224, center crop 224, OpenAI CLIP mean/std
-    return path
+    return save_random_clip(path, seed=seed, **VIT_B32)
 
 
 def make_images(root: Path, n: int, size: int, seed: int = 0) -> Path:

@@ -154,22 +154,11 @@ def use_build_py(path: str | None) -> None:
 
 # --------------------------------------------------------------------------- encoders
 def make_clip(path: Path, arch: dict, seed: int = 0) -> Path:
-    """A random-initialised CLIPVisionModelWithProjection + the real CLIP PIL processor, save_pretrained."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers.utils import logging as hf_logging
+    """A random-initialised CLIPVisionModelWithProjection + the real CLIP PIL processor at 224 px."""
+    from featcache.encoders.random_clip import save_random_clip, save_clip_processor
 
-    try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-    except ImportError:  # transformers 4.x: the slow processor is the PIL one
-        from transformers import CLIPImageProcessor as Proc
-
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**arch)).save_pretrained(path)
-    Proc(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
-         resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
-         image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(path)
+    save_random_clip(path, seed=seed, **arch)
+    save_clip_processor(path, 224)  # the real processor even for the small memory-run tower
     return path
 
 

@@ -73,18 +73,10 @@ def make_images(root: Path, n_images: int, size: int, seed: int = 0) -> Path:
 
 def make_tiny_clip(path: Path, projection_dim: int = 512) -> Path:
     """A random 2-layer CLIP vision tower (32 px input) with a ``projection_dim`` projection."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from featcache.encoders.random_clip import save_random_clip
 
-    try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-    except ImportError:  # transformers 4.x
-        from transformers import CLIPImageProcessor as Proc
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=projection_dim)
-    CLIPVisionModelWithProjection(cfg).save_pretrained(path)
-    Proc(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    return save_random_clip(path, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=32, patch_size=8, projection_dim=projection_dim)
 
 
 def build_store(work: Path, n_images: int, image_size: int) -> Path:

@@ -76,18 +76,12 @@ def make_demo_dataset(root: Path, domain: str, per_class: dict[str, int], seed: 
 
 def tiny_clip(path: Path, projection_dim: int = 64) -> Path:
     """A tiny RANDOM CLIP vision tower saved like a hub checkpoint (offline stand-in)."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from featcache.encoders.random_clip import save_random_clip
 
     if (path / "config.json").exists():
         return path
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=64, patch_size=16, projection_dim=projection_dim)
-    CLIPVisionModelWithProjection(cfg).save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(path)
-    return path
+    return save_random_clip(path, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=64, patch_size=16, projection_dim=projection_dim)
 
 
 def drop_for(dim: int, num_classes: int = len(CLASSES)) -> int:

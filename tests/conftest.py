@@ -16,22 +16,16 @@ _TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
 def _save_processor(path: Path) -> None:
     # Same preprocessor_config.json a real CLIP repo has, so AutoImageProcessor(backend="pil") loads it
     # exactly as it loads "openai/clip-vit-base-patch32".
-    try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-    except ImportError:  # transformers 4.x: the slow processor is the PIL one
-        from transformers import CLIPImageProcessor as Proc
-    Proc(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    from featcache.encoders.random_clip import save_clip_processor
+
+    save_clip_processor(path, 32)
 
 
 def _make_tiny_clip(path: Path, seed: int = 0) -> Path:
     """A random tiny CLIPVisionModelWithProjection + processor saved with save_pretrained."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from featcache.encoders.random_clip import save_random_clip
 
-    torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**_TINY_VISION)).save_pretrained(path)
-    _save_processor(path)
-    return path
+    return save_random_clip(path, seed=seed, **_TINY_VISION)
 
 
 @pytest.fixture(scope="session")
