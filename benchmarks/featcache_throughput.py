@@ -225,21 +225,17 @@ def timed_build(out: Path, manifest: Path, root: Path, model: str, args) -> dict
     phases: dict[str, float] = {}
     orig_run, orig_commit = fb._run, fb._commit
 
-    def run(*a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_run(*a, **k)
-        finally:
-            phases["pipeline"] = time.perf_counter() - t
+    def timed(fn, phase):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[phase] = time.perf_counter() - t
 
-    def commit(*a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_commit(*a, **k)
-        finally:
-            phases["commit"] = time.perf_counter() - t
+        return wrapper
 
-    fb._run, fb._commit = run, commit
+    fb._run, fb._commit = timed(orig_run, "pipeline"), timed(orig_commit, "commit")
     try:
         cpu0 = _cpu_seconds()
         t0 = time.perf_counter()

@@ -216,7 +216,6 @@ def build_store(
     except DeviceError as e:
         raise BuildError(str(e)) from None
     enc = create_encoder(model, device=str(dev))
-    enc.module.to(dev)
     key = encoder_key or enc.name
     fp = fingerprint(enc.metadata)
 

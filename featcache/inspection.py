@@ -88,7 +88,6 @@ def _reencode(ds, key, info, sample, root, device, seed, atol):
     if fingerprint(enc.metadata) != info["fingerprint"]:
         return (check, False, f"encoder {info['spec']!r} now has fingerprint {fingerprint(enc.metadata)}, "
                               f"store has {info['fingerprint']}")
-    enc.module.to(device)
     manifest = manifest_from_record(ds.attrs["manifest"])
     items = {it.id: it for it in list_items(manifest, root, on_error="skip").items}
     rng = np.random.default_rng(seed)
