@@ -93,7 +93,8 @@ def run_demo(out: Path, model: str = "openai/clip-vit-base-patch32", epochs: int
              per_class: tuple[int, int] = (40, 15), progress: bool = True, log=print) -> list[dict]:
     """Generate data -> featcache build -> maskfer train (cafe and linear probe) -> cross-domain table."""
     from featcache.build import build_store
-    from featcache.encoders import EncoderError, create_encoder
+    from featcache import open_store
+    from featcache.encoders import EncoderError
     from maskfer.config import TrainConfig
     from maskfer.train import train
 
@@ -103,19 +104,22 @@ def run_demo(out: Path, model: str = "openai/clip-vit-base-patch32", epochs: int
         root = out / "data" / dom
         if not root.exists():
             make_demo_dataset(root, dom, {"train": per_class[0], "test": per_class[1]})
-    try:
-        dim = create_encoder(model).dim
-        spec, real = model, True
-    except EncoderError as e:
-        log(f"DEMO: the real encoder {model!r} is not reachable ({str(e).splitlines()[0][:160]}...).")
-        log("DEMO: using a tiny RANDOM CLIP instead; the numbers below only show that the pipeline runs.")
-        spec, real = str(tiny_clip(out / "tiny-clip")), False
-        dim = create_encoder(spec).dim
     store = out / "features.h5"
+    spec, real = model, True
     for dom in DOMAINS:
-        r = build_store(store, "demo", out / "data" / dom, name=dom, model=spec, image_size=image_size,
-                        workers=0, progress=progress, log=log)
+        kw = dict(name=dom, image_size=image_size, workers=0, progress=progress, log=log)
+        try:
+            r = build_store(store, "demo", out / "data" / dom, model=spec, **kw)
+        except EncoderError as e:  # raised while loading the model, before anything is written
+            if not real:
+                raise
+            log(f"DEMO: the real encoder {model!r} is not reachable ({str(e).splitlines()[0][:160]}...).")
+            log("DEMO: using a tiny RANDOM CLIP instead; the numbers below only show that the pipeline runs.")
+            spec, real = str(tiny_clip(out / "tiny-clip")), False
+            r = build_store(store, "demo", out / "data" / dom, model=spec, **kw)
         log(f"featcache: {dom}: {r.rows} images in {store}" + (" (already built)" if r.up_to_date else ""))
+    with open_store(store) as s:
+        dim = int(s.dataset("demo-a").encoder_info(r.encoder_key)["dim"])
     results = []
     for method in ("linear-probe", "cafe"):
         cfg = TrainConfig(cache=str(store), train="demo-a", test=["demo-a", "demo-b"], method=method,
