@@ -130,7 +130,6 @@ __all__ = [
 PARALLEL_FIELDS = ("seed", "lam", "beta", "drop", "drop_mode", "sigmoid", "separation", "diverse", "pretrained")
 
 NUM_CLASSES = 7
-_PROGRESS_EVERY = 10  # steps between progress-bar loss/acc refreshes (each one is a device sync)
 
 
 # ---------------------------------------------------------------------------- grouping
@@ -470,7 +469,7 @@ class _Group:
 
     def _segment(self, active: list[int], start: int, stop: int) -> None:
         from maskfer.evaluate import metrics as eval_metrics
-        from maskfer.train import _generators, epoch_order
+        from maskfer.train import PROGRESS_EVERY, _generators, epoch_order
 
         cfg0, dev, data = self.cfgs[0], self.device, self.data
         stacked, opt, sched = self._build(active, start)
@@ -512,7 +511,7 @@ class _Group:
                     sums += row.double() * bs
                     correct += (o["logits"].detach().argmax(2) == b.y.view(-1, 1)).sum(0)
                     seen += bs
-                    if self.progress and ((s + 1) % _PROGRESS_EVERY == 0 or s + 1 == steps):
+                    if self.progress and ((s + 1) % PROGRESS_EVERY == 0 or s + 1 == steps):
                         advance(bs, loss=float(sums[0].mean()) / seen, acc=float(correct.float().mean()) / seen)
                     else:
                         advance(bs)

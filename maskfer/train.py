@@ -23,6 +23,8 @@ from maskfer.data import DataError, SplitData, holdout_split, load_split, parse_
 from maskfer.model import BaselineModel, LinearProbe, MaskModel, cafe_loss
 
 NUM_CLASSES = 7
+LOSS_PARTS = ("loss", "ce", "sep", "div")  # logged per epoch as train_<part>
+PROGRESS_EVERY = 10  # steps between progress-bar loss/acc refreshes (each one is a device sync)
 
 
 class TrainError(Exception):
@@ -141,8 +143,10 @@ class Trainer:
             cpu_gen, dev_gen = _generators(cfg, epoch, self.device)
             order = epoch_order(self.train_data.labels, cfg.balanced, cpu_gen)
             model.train()
-            sums = {"loss": 0.0, "ce": 0.0, "sep": 0.0, "div": 0.0}
-            correct, seen, t0 = 0, 0, time.perf_counter()
+            # Running sums stay on the device: reading them every step would sync the GPU each step.
+            sums = torch.zeros(len(LOSS_PARTS), dtype=torch.float64, device=self.device)
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            seen, t0 = 0, time.perf_counter()
             with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", total=n, enabled=self.progress) as advance:
                 for s in range(steps):
                     pos = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
@@ -158,17 +162,19 @@ class Trainer:
                     loss.backward()
                     opt.step()
                     k = len(pos)
-                    sums["loss"] += float(loss.detach()) * k
-                    for key in ("ce", "sep", "div"):
-                        if key in parts:
-                            sums[key] += float(parts[key]) * k
-                    correct += int((o["logits"].argmax(1) == b.y).sum())
+                    zero = torch.zeros_like(loss.detach())
+                    sums += torch.stack([loss.detach()] + [parts.get(p, zero) for p in LOSS_PARTS[1:]]).double() * k
+                    correct += (o["logits"].detach().argmax(1) == b.y).sum()
                     seen += k
-                    advance(k, loss=sums["loss"] / seen, acc=correct / seen)
+                    if self.progress and ((s + 1) % PROGRESS_EVERY == 0 or s + 1 == steps):
+                        advance(k, loss=float(sums[0]) / seen, acc=int(correct) / seen)
+                    else:
+                        advance(k)
             sched.step()
-            row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_acc": correct / seen,
+            totals = dict(zip(LOSS_PARTS, sums.tolist()))
+            row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_acc": int(correct) / seen,
                    "images_per_s": seen / (time.perf_counter() - t0),
-                   **{f"train_{k}": v / seen for k, v in sums.items() if v or k == "loss"}}
+                   **{f"train_{k}": v / seen for k, v in totals.items() if v or k == "loss"}}
             if self.val_data is not None:
                 from maskfer.evaluate import evaluate_split
 
