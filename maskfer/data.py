@@ -7,6 +7,8 @@ manifest the store recorded.
 """
 from __future__ import annotations
 
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +140,14 @@ def resolve_encoder(ds: DatasetView, key: str | None) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=2)
+def _memory_bank(store_path: str, inode: int, mtime_ns: int, dataset: str, size: int) -> MemoryBank:
+    """One in-memory copy of a dataset's cached images per process: the train and validation splits,
+    evaluation and every run of a sweep share it. Keyed by the file's inode and mtime, so a rebuilt
+    store (builds replace the file) is read afresh."""
+    return MemoryBank(open_store(store_path).dataset(dataset).images(size))
+
+
 def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | None, workers: int) -> ImageBank:
     sizes = ds.image_sizes()
     if sizes:
@@ -146,7 +156,8 @@ def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | 
         size = min(fitting) if fitting else max(sizes)
         n_bytes = len(ds) * size * size * 3
         if n_bytes <= IN_MEMORY_LIMIT:
-            return MemoryBank(ds.images(size))
+            st = os.stat(ds.store.path)
+            return _memory_bank(str(Path(ds.store.path).resolve()), st.st_ino, st.st_mtime_ns, ds.name, size)
         return StoreBank(ds, size)
     from featcache.manifests import list_items, manifest_from_record
 
