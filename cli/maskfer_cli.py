@@ -8,17 +8,6 @@ import click
 
 from cli.common import err_console, friendly_errors
 
-_D = None
-
-
-def _defaults():
-    global _D
-    if _D is None:
-        from maskfer.config import TrainConfig
-
-        _D = TrainConfig()
-    return _D
-
 
 def _errors():
     from featcache import StoreError

@@ -106,7 +106,3 @@ def split_spec(spec: str, default: str) -> tuple[str, str]:
     """'ferplus:val' -> ('ferplus', 'val'); 'muxspace' -> ('muxspace', default)."""
     name, _, split = spec.partition(":")
     return name, (split or default)
-
-
-def config_fields() -> dict[str, type]:
-    return {f.name: f.type for f in dataclasses.fields(TrainConfig)}

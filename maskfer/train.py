@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from featcache.devices import DeviceError, resolve_device  # noqa: F401 - maskfer modules import it from here
 from featcache.progress import progress_bar
+from featcache.taxonomy import CLASSES
 from maskfer import rundir
 from maskfer.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch, prepare_images
 from maskfer.config import ConfigError, TrainConfig
@@ -203,7 +204,7 @@ class Trainer:
         bank = self.train_data.bank
         stored = {"config": cfg.to_dict(), "config_hash": cfg.identity_hash(), "feat_dim": self.feat_dim,
                   "encoder": {k: self.enc_info.get(k) for k in ("key", "spec", "fingerprint", "dim")},
-                  "classes": list(self.train_data_classes()),
+                  "classes": list(CLASSES),
                   # size of the uint8 images the training batches were resized from (predict mirrors it)
                   "source_image_size": bank.size if bank is not None else None}
         ckpt = out / rundir.LAST
@@ -236,10 +237,6 @@ class Trainer:
         self.log(f"resuming {out} after epoch {meta['epoch'] + 1}/{cfg.epochs}")
         return int(meta["epoch"]) + 1
 
-    def train_data_classes(self):
-        from featcache.taxonomy import CLASSES
-
-        return CLASSES
 
 
 def train(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print, evaluate_tests: bool = True) -> dict:
