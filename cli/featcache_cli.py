@@ -67,9 +67,12 @@ def main():
               help="Bad images and label rows: stop with a message, or record them in the store and go on.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Override a manifest parameter, e.g. --param vote_rule=plurality (FERPlus).")
+@click.option("--max-pixels", default=50_000_000, show_default=True, type=click.IntRange(0),
+              help="Do not decode images of more than this many pixels (width x height): such an image fails like "
+                   "a broken one (skipped with --on-error skip). 0: no limit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(dataset, root, out, model, name, encoder_key, batch_size, device, precision, workers, image_size,
-          on_error, params, quiet):
+          on_error, params, max_pixels, quiet):
     """Encode every image of a dataset once (image + horizontal flip) into the store.
 
     Adds only what is missing: a new dataset, a new encoder, a new image size. A build that
@@ -89,7 +92,8 @@ def build(dataset, root, out, model, name, encoder_key, batch_size, device, prec
         r = build_store(out, dataset, root, model=model, name=name, encoder_key=encoder_key,
                         batch_size=batch_size, device=device, workers=workers, image_size=image_size,
                         on_error=on_error, params=parse_overrides(params), precision=precision,
-                        progress=not quiet, log=lambda m: err_console.print(m, highlight=False, markup=False))
+                        progress=not quiet, max_pixels=max_pixels or None,
+                        log=lambda m: err_console.print(m, highlight=False, markup=False))
         if r.up_to_date:
             click.echo(f"{out}: dataset {r.dataset!r} with encoder {r.encoder_key!r} is already complete "
                        f"({r.rows} rows); nothing to do.")
@@ -140,29 +144,31 @@ def info(file, as_json):
 
 
 def _print_summary(summary):
+    from rich.markup import escape  # paths, names and keys are user strings: never markup
+
     con = wide_console()
-    con.print(f"[bold]{summary['path']}[/] (store schema v{summary['schema_version']}, "
+    con.print(f"[bold]{escape(str(summary['path']))}[/] (store schema v{summary['schema_version']}, "
               f"written by featcache {summary['tool_version']})", highlight=False)
     from featcache.taxonomy import CLASSES
 
     for name, d in summary["datasets"].items():
-        t = Table(title=f"{name}: {d['rows']} rows (manifest {d['manifest']}, root {d['root']})",
+        t = Table(title=escape(f"{name}: {d['rows']} rows (manifest {d['manifest']}, root {d['root']})"),
                   title_justify="left")
         t.add_column("split")
         for c in CLASSES:
             t.add_column(c, justify="right")
         t.add_column("total", justify="right")
         for s, counts in d["splits"].items():
-            t.add_row(s, *[str(counts[c]) for c in CLASSES], str(counts["total"]))
+            t.add_row(escape(s), *[str(counts[c]) for c in CLASSES], str(counts["total"]))
         con.print(t)
         for key, e in d["encoders"].items():
-            con.print(f"  encoder [bold]{key}[/]: {e['model']}  dim {e['dim']}  {e['dtype']}  views {e['views']}  "
-                      f"computed in {e['precision']}  fingerprint {e['fingerprint']}", highlight=False)
+            con.print(f"  encoder [bold]{escape(key)}[/]: " + escape(f"{e['model']}  dim {e['dim']}  {e['dtype']}  views {e['views']}  "
+                      f"computed in {e['precision']}  fingerprint {e['fingerprint']}"), highlight=False)
         if not d["encoders"]:
             con.print("  no encoder features yet")
         con.print(f"  cached image sizes: {d['image_sizes'] or 'none'}")
         if d["dropped"]:
-            con.print("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(d["dropped"].items())), highlight=False)
+            con.print("  dropped: " + escape(", ".join(f"{k} {v}" for k, v in sorted(d["dropped"].items()))), highlight=False)
         if d["skipped"]:
             con.print(f"  skipped items: {d['skipped']} (`featcache info --json` lists them)")
 
@@ -173,8 +179,12 @@ def _print_summary(summary):
               help="Images per dataset and encoder to re-encode and compare (0: skip).")
 @click.option("--root", default=None, help="Dataset root if it moved since the build (one dataset stores only).")
 @click.option("--device", default="cpu", show_default=True)
-def verify(file, sample, root, device):
-    """Check a store: ids unique, labels valid, no NaN/inf, shapes, and a re-encoded sample matches.
+@click.option("--trust-plugins", is_flag=True,
+              help="Let the re-encode check import a plug-in encoder ('module:factory' or entry point) named in the "
+                   "store. Off by default: a store may come from anyone, and that would run its code.")
+def verify(file, sample, root, device, trust_plugins):
+    """Check a store: ids unique, labels valid, no NaN/inf, shapes, every row against its checksum,
+    and a re-encoded sample matches.
 
     Exits 1 when a check fails. A check that cannot run (root or model unavailable) is shown as
     'not checked' and does not fail.
@@ -184,15 +194,17 @@ def verify(file, sample, root, device):
       featcache verify features.h5 --sample 16
     """
     def go():
+        from rich.markup import escape
+
         from featcache.inspection import verify as run_verify
         from featcache.store import open_store
 
         with open_store(file) as s:
-            rows = run_verify(s, sample=sample, root=root, device=device)
+            rows = run_verify(s, sample=sample, root=root, device=device, trust_plugins=trust_plugins)
         failed = 0
         for check, ok, detail in rows:
             mark = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[yellow]not checked[/]"}[ok]
-            wide_console().print(f"{mark}  {check}: {detail}", highlight=False)
+            wide_console().print(f"{mark}  " + escape(f"{check}: {detail}"), highlight=False)
             failed += ok is False
         if failed:
             err_console.print(f"[red]{failed} check(s) failed[/]")

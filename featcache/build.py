@@ -7,11 +7,16 @@ cached images) -> DataLoader workers decode + preprocess (overlapped with the en
 """
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import os
+import re
 import shutil
+import signal
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +29,7 @@ import featcache
 from featcache import store as st
 from featcache.devices import DeviceError, resolve_device
 from featcache.encoders import Encoder, create_encoder, fingerprint
-from featcache.images import ImageError, load_image, resize_uint8
+from featcache.images import DEFAULT_MAX_PIXELS, ImageError, load_image, resize_uint8
 from featcache.journal import Journal, _fsync_dir, discard, pending_plans, store_lock
 from featcache.manifests import Item, list_items, load_manifest, manifest_record
 from featcache.progress import progress_bar
@@ -59,9 +64,11 @@ class BuildReport:
 class _DecodeDataset(Dataset):
     """Decodes one image and prepares what the build needs from it; errors become records."""
 
-    def __init__(self, items: list[Item], work_idx: np.ndarray, preprocess, image_size: int | None):
+    def __init__(self, items: list[Item], work_idx: np.ndarray, preprocess, image_size: int | None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.items, self.work_idx = items, work_idx
         self.preprocess, self.image_size = preprocess, image_size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.work_idx)
@@ -70,7 +77,7 @@ class _DecodeDataset(Dataset):
         w = int(self.work_idx[k])
         item = self.items[w]
         try:
-            img = load_image(item.path, item.box)
+            img = load_image(item.path, item.box, max_pixels=self.max_pixels)
         except ImageError as e:
             return w, None, None, str(e)
         try:
@@ -96,7 +103,19 @@ def _collate(batch):
     }
 
 
-def _worker_init(_):
+def _worker_init(_, parent: int | None = None):
+    """Decode workers die with the build: a build killed with -9 must not leave a worker running
+    (writing into a pipe nobody reads, holding files of the store open) until someone kills it."""
+    if parent is not None and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
+        except (OSError, AttributeError):
+            pass
+    if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
     torch.set_num_threads(1)  # decode workers must not fight the encoder for cores
 
 
@@ -174,6 +193,102 @@ def _drop_committed_journals(out: Path, ds_name: str, ex: _Existing) -> None:
             discard(out, plan_dir)
 
 
+def check_name(value: str, what: str, given_by: str) -> str:
+    """A dataset name or encoder key becomes one HDF5 group name: one path component, printable,
+    not '.' or '..' (``a/b`` would make nested groups that no reader understands)."""
+    value = str(value)
+    bad = ("is empty" if not value
+           else "contains '/'" if "/" in value
+           else "is '.' or '..'" if value in (".", "..")
+           else "contains a non-printable character" if not value.isprintable()
+           else None)
+    if bad:
+        safe = re.sub(r"[/\\]+|\s+|[^\x20-\x7e]", "-", value).strip(".-") or "mydata"
+        raise BuildError(f"invalid {what} {value!r} ({given_by}): it {bad}; it must be one path component of "
+                         f"printable characters, without '/', and not '.' or '..' (for example {safe!r})")
+    return value
+
+
+def _h5_errno(e: BaseException) -> int | None:
+    """The errno of an OSError, or the one HDF5 puts in its message (h5py raises some I/O failures as
+    RuntimeError, or as OSError without errno)."""
+    code = getattr(e, "errno", None)
+    if code:
+        return code
+    m = re.search(r"errno = (\d+)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def _store_error_message(e: OSError, out: Path) -> str:
+    """One line naming the path and the cause of an OSError on the store, its lock or its journal."""
+    code = _h5_errno(e)
+    text = str(e)
+    m = re.search(r"name = '([^']*)'", text)
+    path = str(e.filename) if e.filename else (m.group(1) if m else str(out))
+    short = e.strerror if e.strerror and "\n" not in e.strerror and len(e.strerror) < 80 else None
+    cause = short or (os.strerror(code) if code else (text.splitlines()[0] if text else type(e).__name__))
+    cause += f" [{errno.errorcode[code]}]" if code in errno.errorcode else ""
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = ("the store's folder or file is read-only: make it writable (chmod u+w), "
+                  "or write the store elsewhere with --out")
+    elif code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        need = sum(p.stat().st_size for p in [out, *Path(str(out) + ".journal").glob("*/shard-*.npz")]
+                   if p.exists())
+        size = f", about {need / 2**20:.0f} MiB" if need >= 2**20 else f", about {need / 2**10:.0f} KiB" if need else ""
+        advice = ("the disk is full or a file-size limit (ulimit -f) was reached: free space (a commit writes "
+                  f"a complete new copy of the store{size}) and run the same command "
+                  "again; images encoded so far are kept in the journal")
+    else:
+        advice = "check the path and run the same command again; finished work is kept in the journal"
+    where = f"({cause})" if path == str(out) else f"({path}: {cause})"
+    return f"cannot write the feature store {out} {where}; {advice}"
+
+
+@contextmanager
+def _store_errors(out: Path):
+    """Any OSError on the store path (folder, lock, journal, commit copy) becomes one BuildError line."""
+    try:
+        yield
+    except OSError as e:
+        raise BuildError(_store_error_message(e, out)) from None
+
+
+def _check_writable(out: Path) -> None:
+    """Before encoding anything: a store (or folder) the build cannot replace is refused now, not at the commit."""
+    for path, what in ((out, "no write permission on the store file"),
+                       (out.parent, "no write permission on the folder")):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, what, str(path))
+
+
+@contextmanager
+def _open_for_commit(path: Path):
+    """``h5py.File(path, "a")`` that is closed safely when a write fails (disk full, EFBIG).
+
+    After a failed write HDF5 cannot close the file (its cache still holds unwritten data), and freeing
+    the handle later crashes the interpreter. So on an error the file's descriptor is pointed at
+    /dev/null first: the close then "succeeds", and the caller deletes the unfinished copy."""
+    f = h5py.File(path, "a")
+    try:
+        fd = f.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001 - a driver without a plain fd
+        fd = None
+    try:
+        yield f
+        f.flush()  # all writes happen here, where a failure can still be handled
+    except BaseException:
+        if isinstance(fd, int) and fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 - the copy is deleted anyway
+            pass
+        raise
+    f.close()
+
+
 # --------------------------------------------------------------------------- the build
 def build_store(
     out: str | os.PathLike,
@@ -193,19 +308,26 @@ def build_store(
     progress: bool = True,
     flush_seconds: float | None = None,
     log=print,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> BuildReport:
     """Add ``dataset`` (features of ``model``, optionally images) to the store ``out``.
 
-    Adds only what is missing; resumes an interrupted build of the same plan.
+    Adds only what is missing; resumes an interrupted build of the same plan. Images of more than
+    ``max_pixels`` pixels (None or 0: no limit) are not decoded: they fail like any broken image.
     """
     t0 = time.perf_counter()
     if on_error not in ("fail", "skip"):
         raise BuildError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    if name is not None:
+        check_name(name, "dataset name", "from --name")
+    if encoder_key is not None:
+        check_name(encoder_key, "encoder key", "from --encoder-key")
     out, root = Path(out), Path(root)
     if flush_seconds is None:
         flush_seconds = float(os.environ.get("FEATCACHE_FLUSH_SECONDS", "10"))
     manifest = load_manifest(dataset, params)
     ds_name = name or manifest.name
+    check_name(ds_name, "dataset name", f"the name of manifest {manifest.path}; store it under another one with --name")
     listing = list_items(manifest, root, on_error=on_error)
     if not listing.items:
         raise BuildError(f"dataset {manifest.name!r} under {root} has no labelled images to encode")
@@ -217,10 +339,12 @@ def build_store(
         raise BuildError(str(e)) from None
     enc = create_encoder(model, device=str(dev))
     key = encoder_key or enc.name
+    check_name(key, "encoder key", f"the name of encoder {model!r}; store it under another one with --encoder-key")
     fp = fingerprint(enc.metadata)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with store_lock(out):
+    with _store_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with _store_errors(out), store_lock(out):
         for stale in out.parent.glob(out.name + ".tmp-*"):  # a commit cut short by a kill
             stale.unlink()
         ex = _read_existing(out, ds_name)
@@ -256,6 +380,7 @@ def build_store(
             report.up_to_date, report.rows = True, len(work_items)
             report.seconds = time.perf_counter() - t0
             return report
+        _check_writable(out)
 
         plan = {
             "dataset": ds_name,
@@ -278,7 +403,7 @@ def build_store(
             report.encoded_now = _run(
                 enc, dev, precision, work_items, todo, journal, need_feats, image_size if need_images else None,
                 batch_size, _default_workers() if workers is None else workers, on_error, flush_seconds,
-                progress, ds_name, allow_skip=new_dataset,
+                progress, ds_name, allow_skip=new_dataset, max_pixels=max_pixels,
             )
         _commit(out, journal, manifest, root, ds_name, work_items, new_dataset, listing.dropped, problems,
                 key if need_feats else None, enc, fp, precision, dev, image_size if need_images else None, report)
@@ -288,11 +413,16 @@ def build_store(
 
 
 def _run(enc, dev, precision, items, todo, journal, need_feats, image_size, batch_size, workers, on_error,
-         flush_seconds, progress, ds_name, allow_skip) -> int:
-    dataset = _DecodeDataset(items, todo, enc.preprocess if need_feats else None, image_size)
+         flush_seconds, progress, ds_name, allow_skip, max_pixels=DEFAULT_MAX_PIXELS) -> int:
+    dataset = _DecodeDataset(items, todo, enc.preprocess if need_feats else None, image_size, max_pixels)
+    import multiprocessing
+
+    # fork and spawn workers are children of this process; a forkserver's are not (no parent check then)
+    parent = os.getpid() if multiprocessing.get_start_method() in ("fork", "spawn") else None
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None, pin_memory=dev.type == "cuda",
+        worker_init_fn=functools.partial(_worker_init, parent=parent) if workers else None,
+        pin_memory=dev.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     seq = journal.next_seq()
@@ -364,10 +494,10 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
                          "nothing was added to the store")
     row_of = np.cumsum(ok) - 1  # work index -> store row (failed items get no row)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if out.exists():
-        shutil.copyfile(out, tmp)
     try:
-        with h5py.File(tmp, "a") as f:
+        if out.exists():
+            shutil.copyfile(out, tmp)  # inside the try: a copy cut short by a full disk is deleted too
+        with _open_for_commit(tmp) as f:
             st.init_file(f, featcache.__version__)
             if new_dataset:
                 kept = [items[i] for i in np.flatnonzero(ok)]
@@ -402,6 +532,7 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
                 })
             if image_size:
                 idset = st.create_images(g, image_size, rows)
+            crcs = {k: st.checksums_of(d) for k, d in (("feats", fdset), ("images", idset)) if d is not None}
             for path in journal.shard_paths():  # one array of one shard in memory at a time
                 with np.load(path, allow_pickle=False) as z:
                     good = z["ok"]
@@ -415,14 +546,18 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
                     for dset, key in ((fdset, "feats"), (idset, "images")):
                         if dset is not None:
                             a = z[key]
-                            dset[sel] = a if in_place else a[good][order]
-            f.flush()
+                            a = a if in_place else a[good][order]
+                            dset[sel] = a
+                            crcs[key][sel] = st.row_crc32(a)  # CRC-32 of every row, checked by verify
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)
         _fsync_dir(out.parent)  # the rename must be on disk before the journal is deleted
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        code = _h5_errno(e) if isinstance(e, (OSError, RuntimeError)) else None
+        if code and not isinstance(e, OSError):  # h5py reports some write failures as RuntimeError
+            raise OSError(code, os.strerror(code), str(tmp)) from None
         raise
     report.rows = int(ok.sum())
     report.skipped = list(problems) + failed

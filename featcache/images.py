@@ -6,11 +6,17 @@ once, with a reason a person can act on.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+
+# Decode limit: a 12000x12000 PNG needs ~2.4 GB to decode and convert, and a face dataset has no use for
+# such an image. Checked from the header, before any pixel is decoded (`featcache build --max-pixels`).
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class ImageError(Exception):
@@ -24,21 +30,31 @@ class ImageError(Exception):
         return f"{self.path}: {self.reason}"
 
 
-def load_image(path: str | os.PathLike, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, box: tuple[int, int, int, int] | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Fully decoded RGB image, cropped to the ``(x, y, w, h)`` box (clamped to the image) if given.
 
     EXIF orientation is deliberately not applied: dataset face boxes refer to the stored pixels.
+    An image of more than ``max_pixels`` pixels (None or 0: no limit) is refused before decoding.
     """
     path = Path(path)
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise ImageError(path, "zero-byte file (empty): the download or copy is incomplete")
         with Image.open(path) as img:
+            if max_pixels and img.width * img.height > max_pixels:
+                raise ImageError(path, f"image of {img.width}x{img.height} = {img.width * img.height / 1e6:.1f} "
+                                       f"megapixels is over the decode limit of {max_pixels / 1e6:g} megapixels "
+                                       "(not decoded: it would take gigabytes of memory); shrink the image, or "
+                                       "raise the limit with --max-pixels")
             img.load()  # decode now, so a truncated file fails here and not in a worker later
             rgb = _to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageError(path, f"dangling symbolic link to {os.readlink(path)!r} (the target does not exist); "
+                                   "fix or remove the link") from None
         raise ImageError(path, "file not found") from None
     except IsADirectoryError:
         raise ImageError(path, "is a folder, not an image file") from None
@@ -48,7 +64,12 @@ def load_image(path: str | os.PathLike, box: tuple[int, int, int, int] | None = 
         raise ImageError(path, f"not an image: the contents are not a format Pillow can read{_peek(path)}") from None
     except Image.DecompressionBombError as e:
         raise ImageError(path, f"image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports broken data as OSError/SyntaxError
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(path, "symbolic link loop: following the link leads back to it; "
+                                   "fix or remove the link") from None
+        raise ImageError(path, f"truncated or corrupt image data ({e})") from None
+    except (SyntaxError, ValueError) as e:  # Pillow reports broken data as OSError/SyntaxError
         raise ImageError(path, f"truncated or corrupt image data ({e})") from None
     return rgb if box is None else _crop(path, rgb, box)
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import numpy as np
 
-from featcache.store import Store
+from featcache.store import Store, bad_rows, checksums_of
 from featcache.taxonomy import CLASSES
 
 
@@ -36,9 +36,10 @@ def summarize(store: Store) -> dict:
 
 
 def verify(store: Store, sample: int = 8, root: str | None = None, device: str = "cpu", seed: int = 0,
-           reencode: bool = True, atol: float = 1e-3) -> list[tuple[str, bool, str]]:
+           reencode: bool = True, atol: float = 1e-3, trust_plugins: bool = False) -> list[tuple[str, bool, str]]:
     """Integrity checks; returns (check, passed, detail) rows. Re-encoding a sample needs the
-    dataset root and the encoder; when either is missing that check says so and is not counted as passed."""
+    dataset root and the encoder; when either is missing that check says so and is not counted as passed.
+    A plug-in encoder spec stored in the file is not imported unless ``trust_plugins`` (--trust-plugins)."""
     results: list[tuple[str, bool | None, str]] = []
     for name in store.datasets():
         ds = store.dataset(name)
@@ -64,16 +65,37 @@ def verify(store: Store, sample: int = 8, root: str | None = None, device: str =
             results.append((f"{name}/{key}: features finite", nonfinite == 0,
                             "ok" if not nonfinite else f"{nonfinite} rows with NaN/inf, first {ids[first]}"))
             results.append((f"{name}/{key}: shape", d.shape == (len(ds), 2, int(info["dim"])), str(d.shape)))
+            results.append(_checksums(f"{name}/{key}: features checksums", d, ids))
             if reencode and sample:
-                results.append(_reencode(ds, key, info, sample, root, device, seed, atol))
+                results.append(_reencode(ds, key, info, sample, root, device, seed, atol, trust_plugins))
+        for size in ds.image_sizes():
+            results.append(_checksums(f"{name}/images/{size}: checksums", ds.group["images"][str(size)], ids))
     return results
 
 
-def _reencode(ds, key, info, sample, root, device, seed, atol):
+def _checksums(check: str, d, ids) -> tuple[str, bool | None, str]:
+    """Every row of a features or images array against its stored CRC-32 (all rows, not a sample)."""
+    crc = checksums_of(d)
+    if crc is None:
+        return (check, None, f"not checked: {d.name} has no checksums (written by a featcache before "
+                             "per-row checksums); rebuild the store into a new --out to add them")
+    if crc.shape != (d.shape[0],):
+        return (check, False, f"{crc.name} has shape {crc.shape}, expected ({d.shape[0]},): the store is damaged")
+    bad, errors = bad_rows(d, crc)
+    if not bad.size:
+        return (check, True, f"{d.shape[0]} rows ok")
+    shown = ", ".join(f"{r} ({ids[r]})" if r < len(ids) else str(r) for r in bad[:5].tolist())
+    more = f" and {bad.size - 5} more" if bad.size > 5 else ""
+    return (check, False, f"{bad.size} of {d.shape[0]} rows of {d.name} do not match their CRC-32: rows {shown}{more}"
+                          + (f"; {errors[0]}" if errors else "")
+                          + "; the file is damaged: restore it from a copy or rebuild this dataset into a new --out")
+
+
+def _reencode(ds, key, info, sample, root, device, seed, atol, trust_plugins=False):
     from pathlib import Path
 
     from featcache.build import encode_views
-    from featcache.encoders import create_encoder, fingerprint
+    from featcache.encoders import UntrustedSpecError, create_encoder, fingerprint
     from featcache.images import ImageError, load_image
     from featcache.manifests import list_items, manifest_from_record
 
@@ -82,7 +104,11 @@ def _reencode(ds, key, info, sample, root, device, seed, atol):
     if not root.exists():
         return (check, None, f"not checked: dataset root {root} not found (pass --root)")
     try:
-        enc = create_encoder(info["spec"], device=device)
+        # The spec is whatever the store's writer put there: a plug-in is imported only on --trust-plugins.
+        enc = create_encoder(info["spec"], device=device, trust_plugins=trust_plugins,
+                             source=f"{ds.store.path} (attribute 'spec' of /datasets/{ds.name}/encoders/{key})")
+    except UntrustedSpecError as e:
+        return (check, None, f"not checked: {e}")
     except Exception as e:  # noqa: BLE001 - any load failure only means "cannot check"
         return (check, None, f"not checked: cannot load encoder {info['spec']!r}: {e}")
     if fingerprint(enc.metadata) != info["fingerprint"]:

@@ -24,6 +24,41 @@ class LockedError(Exception):
     pass
 
 
+# Lock fds held by this process. A flock belongs to the open file description, which fork() shares
+# with the child: a DataLoader worker forked during the build would keep the lock alive after the build
+# is killed (kill -9), and every rerun would be refused until someone found and killed the orphan.
+# So every forked child closes these fds at once (os.open already makes them close-on-exec).
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+
+
+def _holder(fd: int) -> str:
+    """' by pid N' (and whether it is still running) from the pid the holder wrote into the lock file."""
+    try:
+        pid = int(os.pread(fd, 32, 0).split()[0])
+    except (OSError, ValueError, IndexError):
+        return ""
+    try:
+        os.kill(pid, 0)
+        return f" by pid {pid}"
+    except ProcessLookupError:
+        return f" by a process started by pid {pid}, which has exited (find it with `fuser -v FILE`)"
+    except OSError:
+        return f" by pid {pid}"
+
+
 @contextmanager
 def store_lock(store_path: Path):
     """One writer per store; the kernel drops the lock when the process dies (even SIGKILL)."""
@@ -34,11 +69,18 @@ def store_lock(store_path: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LockedError(
-                f"another featcache build is writing {store_path} (lock {lock_path} is held); "
-                "wait for it to finish"
+                f"another featcache build is writing {store_path} (lock {lock_path} is held"
+                f"{_holder(fd).replace('FILE', str(lock_path))}); wait for it to finish"
             ) from None
+        _HELD_LOCK_FDS.add(fd)
+        try:  # for the message above; the lock itself is the flock, never this content
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
+        _HELD_LOCK_FDS.discard(fd)
         os.close(fd)
 
 
@@ -83,11 +125,17 @@ class Journal:
     def write_shard(self, seq: int, **arrays: np.ndarray) -> Path:
         final = self.dir / f"shard-{seq:09d}.npz"
         tmp = self.dir / f"shard-{seq:09d}.tmp.npz"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)  # disk full, Ctrl-C: no half-written shard left behind
+            if isinstance(e, OSError) and not e.filename:  # np.savez's errors do not say which file
+                raise OSError(e.errno, e.strerror or str(e), str(tmp)) from None
+            raise
         _fsync_dir(self.dir)
         return final
 

@@ -10,6 +10,8 @@ duplicates and sorts. A new kind is one decorated function; nothing dispatches o
 from __future__ import annotations
 
 import csv
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
@@ -88,11 +90,43 @@ def _dirs(folder: Path) -> list[Path]:
     return sorted(e for e in folder.iterdir() if e.is_dir() and not e.name.startswith((".", "__")))
 
 
-def _files(folder: Path) -> list[Path]:
+def broken_link(path: Path) -> str | None:
+    """Why the symbolic link ``path`` cannot be followed (a loop, a missing target), or None when it can
+    (or is no link). Such an entry is reported as a problem of its own, never hiding its neighbours."""
     try:
-        return sorted(e for e in folder.iterdir() if e.is_file())
+        if not path.is_symlink():
+            return None
+        path.stat()
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop: following the link leads back to it; fix or remove the link"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"dangling symbolic link to {target!r} (the target does not exist); fix or remove the link"
+        return f"symbolic link cannot be followed ({e.strerror}); fix or remove the link"
+
+
+def _listdir(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Sorted regular files of a folder, and its broken symbolic links with the reason for each."""
+    try:
+        entries = sorted(folder.iterdir())
     except OSError:
-        return []
+        return [], []
+    files, broken = [], []
+    for e in entries:
+        if e.is_file():  # follows links; False (never an error) for a loop or a dangling link
+            files.append(e)
+        elif (why := broken_link(e)) is not None:
+            broken.append((e, why))
+    return files, broken
+
+
+def _files(folder: Path) -> list[Path]:
+    return _listdir(folder)[0]
 
 
 def _csv_rows(path: Path, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
@@ -318,10 +352,14 @@ def read_folders(root: Path, p: dict) -> Iterator[Row]:
     found = False
     for split, base in (bases or {"all": root}).items():
         for class_dir in _dirs(base):
-            for path in _files(class_dir):
+            files, broken = _listdir(class_dir)
+            for path in files:
                 if path.suffix.lower() in extensions:
                     found = True
                     yield Row(str(path), path.relative_to(root).as_posix(), split, label=class_dir.name)
+            for path, why in broken:  # a link named like an image that cannot be read: say so, by name
+                if path.suffix.lower() in extensions:
+                    yield Row(str(path), path.relative_to(root).as_posix(), split, problem=why)
     if not found:
         where = ", ".join(f"'{s}'" for s in p["split_dirs"].values()) or "the root"
         raise LayoutError(f"no images ({', '.join(sorted(extensions))}) in class folders under {where} of root {root}")

@@ -20,7 +20,7 @@ from typing import Literal
 
 import data_manifests
 from featcache import taxonomy
-from featcache.layouts import LAYOUTS, REQUIRED, Layout, LayoutError, Row
+from featcache.layouts import LAYOUTS, REQUIRED, Layout, LayoutError, Row, broken_link
 
 BUILTIN_DIR = Path(data_manifests.__file__).parent
 _TOP_KEYS = ("name", "kind", "description", "params", "labels")
@@ -254,21 +254,42 @@ def _resolver(labels: dict[str, str]):
 
 
 class _FileSet:
-    """Existence checks by listing each folder once: one readdir instead of a stat per image."""
+    """Existence checks by listing each folder once: one readdir instead of a stat per image.
+
+    Each entry is checked on its own: a symbolic link loop (is_file raises ELOOP) or a dangling link is
+    recorded with its reason and never hides the other files of its folder."""
 
     def __init__(self):
-        self._names: dict[Path, set[str]] = {}
+        self._names: dict[Path, dict[str, str | None]] = {}  # folder -> name -> None (a file) or why not
+
+    def _folder(self, folder: Path) -> dict[str, str | None]:
+        names = self._names.get(folder)
+        if names is None:
+            names = {}
+            try:
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        try:
+                            if e.is_file():
+                                names[e.name] = None
+                                continue
+                        except OSError:
+                            pass
+                        why = broken_link(Path(e.path))
+                        if why is not None:
+                            names[e.name] = why
+            except OSError:
+                pass
+            self._names[folder] = names
+        return names
 
     def __contains__(self, path: Path) -> bool:
-        names = self._names.get(path.parent)
-        if names is None:
-            try:
-                with os.scandir(path.parent) as entries:
-                    names = {e.name for e in entries if e.is_file()}
-            except OSError:
-                names = set()
-            self._names[path.parent] = names
-        return path.name in names
+        names = self._folder(path.parent)
+        return path.name in names and names[path.name] is None
+
+    def why_not(self, path: Path) -> str | None:
+        """The reason a listed name is not a readable file (a broken link), or None."""
+        return self._folder(path.parent).get(path.name)
 
 
 def _collect(rows: list[Row], root: Path, labels: dict[str, str]) -> Listing:
@@ -302,6 +323,8 @@ def _collect(rows: list[Row], root: Path, labels: dict[str, str]) -> Listing:
             dropped[name] += 1
         elif root / image in files:
             items.append(Item(image, root / image, index, row.split, row.box))
+        elif (why := files.why_not(root / image)) is not None:
+            problems.append((seq, Problem(row.where, image, f"image file {image} under {root}: {why}")))
         else:
             problems.append((seq, Problem(row.where, image, f"image file {image} is missing under {root}")))
     items.sort(key=lambda it: (it.split, it.id))

@@ -21,11 +21,15 @@ def progress_bar(description: str, total: int, enabled: bool = True, console: Co
     if not enabled:
         yield lambda n=1, **fields: None
         return
+    # The description and fields hold user strings (dataset names like "ferplus:train", paths): shown
+    # verbatim, never parsed as rich markup ("[b]") or emoji codes (":train:").
     cols = [
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        _Rate(), TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), _Rate(), TextColumn("{task.fields[extra]}", markup=False), TimeElapsedColumn(),
+        TextColumn("ETA"), TimeRemainingColumn(),
     ]
-    with Progress(*cols, console=console or Console(stderr=True), speed_estimate_period=30) as prog:
+    with Progress(*cols, console=console or Console(stderr=True, emoji=False, markup=False),
+                  speed_estimate_period=30) as prog:
         task = prog.add_task(description, total=total, extra="")
 
         def advance(n: int = 1, **fields):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -19,6 +20,9 @@ import numpy as np
 SCHEMA_NAME = "featcache"
 SCHEMA_VERSION = 1
 VIEWS = ("orig", "flip")
+# Per-row CRC-32 checksums (optional in v1: stores written before them have none; see docs/store_format.md)
+FEATURES_CRC = "features_crc32"   # encoders/<key>/features_crc32 (n,) uint32, beside encoders/<key>/features
+IMAGES_CRC = "images_crc32"       # images_crc32/<S> (n,) uint32, beside images/<S>
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -76,6 +80,7 @@ def write_dataset(
         g.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)
     g.require_group("encoders")
     g.require_group("images")
+    g.require_group(IMAGES_CRC)
     return g
 
 
@@ -84,12 +89,52 @@ def create_features(g: h5py.Group, key: str, n: int, dim: int, attrs: dict) -> h
     for k, v in attrs.items():
         eg.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)
     rows = max(1, min(n, 4096))
+    eg.create_dataset(FEATURES_CRC, shape=(n,), dtype=np.uint32)
     return eg.create_dataset("features", shape=(n, len(VIEWS), dim), dtype=np.float32, chunks=(rows, len(VIEWS), dim))
 
 
 def create_images(g: h5py.Group, size: int, n: int) -> h5py.Dataset:
+    g.require_group(IMAGES_CRC).create_dataset(str(size), shape=(n,), dtype=np.uint32)
     # One image per chunk: training reads random batches, so chunks must not span images.
     return g["images"].create_dataset(str(size), shape=(n, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3))
+
+
+def row_crc32(a: np.ndarray) -> np.ndarray:
+    """CRC-32 (zlib) of each row's bytes, C order, little-endian: ``(len(a),)`` uint32."""
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return np.fromiter((zlib.crc32(r) for r in a.reshape(len(a), -1)), dtype=np.uint32, count=len(a))
+
+
+def checksums_of(d: h5py.Dataset) -> h5py.Dataset | None:
+    """The checksum dataset of ``encoders/<key>/features`` or ``images/<S>``; None in a store without them."""
+    leaf = d.name.rsplit("/", 1)[1]
+    if leaf == "features":  # encoders/<key>/features; image arrays are named by their size
+        c = d.parent.get(FEATURES_CRC)
+    else:
+        c = d.parent.parent.get(f"{IMAGES_CRC}/{leaf}")
+    return c if isinstance(c, h5py.Dataset) else None
+
+
+def bad_rows(d: h5py.Dataset, crc: h5py.Dataset, block_bytes: int = 64 << 20) -> tuple[np.ndarray, list[str]]:
+    """Rows of ``d`` whose bytes do not match their stored CRC-32, reading every row once in blocks
+    (memory stays flat). A block HDF5 cannot read at all counts as bad, and its error is returned."""
+    n = d.shape[0]
+    row_bytes = max(1, int(np.prod(d.shape[1:], dtype=np.int64)) * d.dtype.itemsize)
+    step = max(1, block_bytes // row_bytes)
+    if d.chunks:
+        step = max(d.chunks[0], step - step % d.chunks[0])
+    want = crc[()]
+    bad, errors = [], []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        try:
+            got = row_crc32(d[start:stop])
+        except (OSError, RuntimeError, ValueError) as e:  # unreadable chunk: a damaged file
+            bad.append(np.arange(start, stop))
+            errors.append(f"rows {start}..{stop - 1} unreadable ({str(e).splitlines()[0]})")
+            continue
+        bad.append(start + np.flatnonzero(got != want[start:stop]))
+    return (np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)), errors
 
 
 # --------------------------------------------------------------------------- reading

@@ -306,7 +306,7 @@ def test_adding_image_size_later_adds_images_only(tmp_path, roots, tiny_clip_dir
         assert f["datasets/sfew/encoders/tiny-clip/features"][()].tobytes() == raw
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing already there changed
-    assert set(after) - set(before) == {"datasets/sfew/images/10"}
+    assert set(after) - set(before) == {"datasets/sfew/images/10", "datasets/sfew/images_crc32/10"}  # + checksums
     ds = open_store(out).dataset("sfew")
     items = list_items(load_manifest("sfew"), roots["sfew"]).items
     np.testing.assert_array_equal(ds.images(10), np.stack([resize_uint8(decode(it), 10) for it in items]))
