@@ -7,13 +7,16 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-err_console = Console(stderr=True, soft_wrap=True)
+# emoji=False: log lines carry user strings, and rich would turn "ferplus:train: ..." into an emoji
+# (":train:"). Markup stays on for our own "[bold red]error:[/]" prefixes; user text printed with
+# markup goes through rich.markup.escape, or is printed with markup=False.
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def wide_console() -> Console:
     """Tables stay readable when output is piped (rich assumes 80 columns off a terminal)."""
-    c = Console()
-    return c if c.is_terminal else Console(width=160)
+    c = Console(emoji=False)
+    return c if c.is_terminal else Console(width=160, emoji=False)
 
 
 def friendly_errors(*error_types):

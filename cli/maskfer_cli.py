@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cli.common import err_console, friendly_errors
+from maskfer.config import FEATURE_NORMS, METHODS  # stdlib-only module: cheap at CLI start
 
 
 def _errors():
@@ -35,6 +36,11 @@ def _log(msg: str) -> None:
     err_console.print(msg, highlight=False, markup=False)
 
 
+# Stores and run directories are shared: an encoder spec read from one is data unless the user says otherwise.
+_TRUST_HELP = ("Allow importing a plug-in encoder ('module:factory' or entry point) named in {where}. "
+               "Off by default: stores and runs may come from anyone, and that would run their code.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cafe-fer")
 def main():
@@ -57,8 +63,11 @@ def main():
 @click.option("--test", default="", metavar="DS1,DS2,...",
               help="Test sets (DATASET[:SPLIT], split defaults to test; a dataset without splits uses all rows).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed when it exists).")
-@click.option("--method", default="cafe", show_default=True, type=click.Choice(["cafe", "baseline", "linear-probe"]),
-              help="cafe: mask CNN on cached features; baseline: backbone+FC on images; linear-probe: FC on features.")
+@click.option("--method", default="cafe", show_default=True, type=click.Choice(list(METHODS)),
+              help="cafe: mask CNN on cached features; baseline: backbone+FC on images; linear-probe: logistic "
+                   "regression on standardized features fit to convergence (L-BFGS, L2 chosen on the validation split or a "
+                   "10% holdout; ignores the optimizer options); linear-head: FC on features trained by the epoch "
+                   "loop with the run's optimizer and schedule (CAFE's classifier without the mask).")
 @click.option("--backbone", default="resnet18", show_default=True, help="resnet18, resnet50 or mobilenet_v2.")
 @click.option("--pretrained", default=None, metavar="FILE|imagenet|URL|hf://OWNER/REPO/FILE",
               help="Backbone initialisation: a torchvision-format state dict (.pth/.safetensors, e.g. the MS-Celeb-1M "
@@ -80,6 +89,9 @@ def main():
 @click.option("--no-diverse", is_flag=True, help="Ablation: no diverse loss.")
 @click.option("--mask-map", default="auto", show_default=True, type=click.Choice(["auto", "linear"]),
               help="Backbone width D -> feature dim C: auto (identity, mean over windows, or linear when D<C) or linear.")
+@click.option("--feature-norm", default="none", show_default=True, type=click.Choice(list(FEATURE_NORMS)),
+              help="standardize: cached features per channel with the training split's mean/std (kept in the run) "
+                   "before the mask or linear head; none: raw features, as the paper.")
 @click.option("--no-flip", is_flag=True, help="Disable horizontal flips.")
 @click.option("--erasing", default=0.5, show_default=True, type=float, help="Random-erasing probability.")
 @click.option("--noise-std", default=0.0, show_default=True, type=float, help="Gaussian pixel noise std (0 = off).")
@@ -91,9 +103,11 @@ def main():
 @click.option("--root", default=None, type=click.Path(file_okay=False),
               help="Dataset root, when the store has no cached images (featcache build --image-size).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the store (--online-encoder)"))
 def train(cache, train_spec, test, out, method, backbone, pretrained, encoder, epochs, batch_size, image_size, lr,
           weight_decay, gamma, seed, lam, beta, drop, drop_mode, no_sigmoid, no_separation, no_diverse, mask_map,
-          no_flip, erasing, noise_std, balanced, online_encoder, val_split, device, workers, root, quiet):
+          feature_norm, no_flip, erasing, noise_std, balanced, online_encoder, val_split, device, workers, root, quiet,
+          trust_plugins):
     """Train a run (paper defaults) and evaluate it on --test.
 
     A killed or interrupted run resumes from its last checkpoint when the same command is run again.
@@ -115,9 +129,9 @@ def train(cache, train_spec, test, out, method, backbone, pretrained, encoder, e
             pretrained=pretrained, encoder=encoder, epochs=epochs, batch_size=batch_size, image_size=image_size,
             lr=lr, weight_decay=weight_decay, gamma=gamma, seed=seed, lam=lam, beta=beta, drop=drop,
             drop_mode=drop_mode, sigmoid=not no_sigmoid, separation=not no_separation, diverse=not no_diverse,
-            mask_map=mask_map, flip=not no_flip, erasing=erasing, noise_std=noise_std, balanced=balanced,
+            mask_map=mask_map, feature_norm=feature_norm, flip=not no_flip, erasing=erasing, noise_std=noise_std, balanced=balanced,
             online_encoder=online_encoder, val_split=val_split, device=device, workers=workers, root=root)
-        summary = run_train(cfg, out, progress=not quiet, log=_log)
+        summary = run_train(cfg, out, progress=not quiet, log=_log, trust_plugins=trust_plugins)
         if "results" in summary:
             header, rows = cross_table([summary["results"]])
             click.echo(table_markdown(header, rows))
@@ -168,8 +182,9 @@ def evaluate(runs, cache, test, table_out, device, as_json):
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
               help="Write results to a .json or .csv file instead of printing them.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-def predict(run, inputs, out_file, device, batch_size):
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the run's config.json"))
+def predict(run, inputs, out_file, device, batch_size, trust_plugins):
     """Class probabilities for images or folders of images, with a trained run.
 
     \b
@@ -181,7 +196,7 @@ def predict(run, inputs, out_file, device, batch_size):
         from featcache.taxonomy import CLASSES
         from maskfer.predict import predict as run_predict
 
-        res = run_predict(run, list(inputs), device=device, batch_size=batch_size)
+        res = run_predict(run, list(inputs), device=device, batch_size=batch_size, trust_plugins=trust_plugins)
         if out_file and out_file.endswith(".json"):
             Path(out_file).write_text(json.dumps(res, indent=2))
         elif out_file:
@@ -203,6 +218,14 @@ def predict(run, inputs, out_file, device, batch_size):
                     click.echo(f"{r['path']}: {r['prediction']}  (" + ", ".join(f"{c} {p:.3f}" for c, p in top) + ")")
         if out_file:
             click.echo(f"wrote {len(res)} predictions to {out_file}")
+        failed = sum("error" in r for r in res)
+        if failed == len(res):  # nothing predicted is a failure, whatever was written
+            from maskfer.evaluate import EvalError
+
+            raise EvalError(f"none of the {len(res)} image(s) could be predicted (the errors are listed "
+                            f"{'in ' + out_file if out_file else 'above'})")
+        if failed:  # partial success: exit 0, the failures are listed with the predictions
+            _log(f"note: {failed} of {len(res)} image(s) could not be predicted (listed as errors)")
 
     _run(go)
 
@@ -225,7 +248,9 @@ def predict(run, inputs, out_file, device, batch_size):
 @click.option("--device", default=None, help="Training device [default: auto].")
 @click.option("--dry-run", is_flag=True, help="Check the grid and list the configurations; train nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, parallel, device, dry_run, quiet):
+@click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the store (online_encoder)"))
+def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, parallel, device, dry_run, quiet,
+          trust_plugins):
     """Train a grid of configurations over one feature store (the encoder never runs).
 
     Everything is checked before training starts. Finished configurations are skipped, so a
@@ -272,7 +297,7 @@ def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, para
                 click.echo(rid)
             click.echo(f"{len(points)} configurations; nothing trained (--dry-run)")
             return
-        run_sweep(cfg, grid, out, parallel=parallel, progress=not quiet, log=_log)
+        run_sweep(cfg, grid, out, parallel=parallel, progress=not quiet, log=_log, trust_plugins=trust_plugins)
         click.echo((Path(out) / "summary.md").read_text())
 
     _run(go)

@@ -176,6 +176,48 @@ def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | 
     return RootBank(paths, boxes, image_size, workers)
 
 
+def check_test_sets(store_path: str, specs: list[str], encoder_key: str, fingerprint: str | None, dim: int,
+                    need_images: bool, root: str | None = None, trained: str = "the run") -> None:
+    """What evaluating on ``specs`` needs, checked without reading features or images, so that a wrong
+    --test fails before training (or before the first test set is evaluated): each dataset and split exists
+    and is not empty, holds the run's encoder with the same fingerprint and dimension, and has images
+    (cached, or a dataset root) when the method needs them. Raises DataError naming the --test entry."""
+    from maskfer.config import split_spec
+
+    if not specs:
+        return
+    store = open_store(store_path)
+    try:
+        for spec in specs:
+            name, split = split_spec(spec, "test")
+            try:
+                ds = store.dataset(name)
+                if split not in ds.split_names() and ds.split_names() == ["all"] and split == "test":
+                    split = "all"  # as load_split: a dataset without splits is all test data
+                rows = ds.indices(split)
+            except StoreError as e:
+                raise DataError(f"--test {spec}: {e}") from None
+            if rows.size == 0:
+                raise DataError(f"--test {spec}: split {name}:{split} in {store_path} is empty")
+            try:
+                key = resolve_encoder(ds, encoder_key)
+            except DataError as e:
+                raise DataError(f"--test {spec}: {e}") from None
+            info = ds.encoder_info(key)
+            if info.get("fingerprint") != fingerprint or int(info["dim"]) != int(dim):
+                raise DataError(
+                    f"test set {spec} in {store_path} has encoder {key!r} features (dim {info['dim']}, fingerprint "
+                    f"{info.get('fingerprint')}) but {trained} was trained on dim {dim} fingerprint {fingerprint}: "
+                    "build the test set with the same --model")
+            if need_images and not ds.image_sizes() and not Path(root or ds.root).exists():
+                raise DataError(
+                    f"--test {spec}: dataset {name!r} has no cached images in {store_path} and its root "
+                    f"{root or ds.root} is not there: pass --root DATASET_DIR, or rebuild the store with "
+                    "`featcache build --image-size S`")
+    finally:
+        store.close()
+
+
 def load_split(store_path: str, spec: str, default_split: str, encoder: str | None, need_images: bool,
                image_size: int, root: str | None = None, workers: int = 0) -> tuple[SplitData, dict]:
     """Load one DATASET[:SPLIT]; returns the data and the encoder's store metadata."""

@@ -17,7 +17,7 @@ from featcache.taxonomy import CLASSES
 from maskfer import rundir
 from maskfer.augment import prepare_images
 from maskfer.config import TrainConfig
-from maskfer.data import DataError, SplitData, load_split
+from maskfer.data import DataError, SplitData, check_test_sets, load_split
 
 
 class EvalError(Exception):
@@ -70,17 +70,24 @@ def load_run(run: Path, device: torch.device):
         raise EvalError(f"{run} is not a maskfer run directory (no {rundir.CONFIG}); train one with `maskfer train`")
     if not (run / rundir.LAST).exists():
         raise EvalError(f"run {run} has no checkpoint yet (training has not finished an epoch)")
-    stored = rundir.read_json(run / rundir.CONFIG)
-    cfg = TrainConfig.from_dict(stored["config"])
+    stored, cfg = rundir.read_run_config(run)
     model = build_model(cfg, int(stored["feat_dim"]))
     sd, _, meta = rundir.load_checkpoint(run / rundir.LAST)
-    model.load_state_dict(sd)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # config.json edited, or a checkpoint from another run
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise EvalError(f"checkpoint {run / rundir.LAST} does not fit the model {run / rundir.CONFIG} describes "
+                        f"(method {cfg.method}, backbone {cfg.backbone}, feat_dim {stored['feat_dim']}): "
+                        f"{first[0].strip()}") from None
     stored["checkpoint_epoch"] = int(meta["epoch"])
     return model.to(device).eval(), cfg, stored
 
 
-def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str = "auto", trainer=None, log=print) -> dict:
-    """Evaluate a run on test sets of a store; writes and returns results.json."""
+def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str = "auto", trainer=None, log=print,
+                 merge: bool = True) -> dict:
+    """Evaluate a run on test sets of a store; returns the results and merges them into results.json
+    (see :func:`_merge_results`; ``merge=False`` replaces the file)."""
     from maskfer.train import resolve_device, uses_images
 
     run = Path(run)
@@ -88,7 +95,13 @@ def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str = "
     model, cfg, stored = load_run(run, dev)
     cache = cache or cfg.cache
     res = {"run": str(run), "train": cfg.train, "method": cfg.method, "label": run_label(cfg),
-           "epochs_trained": stored["checkpoint_epoch"] + 1, "encoder": stored["encoder"], "tests": {}}
+           "epochs_trained": stored["checkpoint_epoch"] + 1, "config_hash": stored.get("config_hash"),
+           "encoder": stored["encoder"], "tests": {}}
+    try:  # every test set must exist before the first is evaluated
+        check_test_sets(cache, tests, stored["encoder"]["key"], stored["encoder"].get("fingerprint"),
+                        int(stored["feat_dim"]), uses_images(cfg), cfg.root, trained=f"run {run}")
+    except DataError as e:
+        raise EvalError(str(e)) from None
     for spec in tests:
         try:
             data, info = load_split(cache, spec, "test", stored["encoder"]["key"], uses_images(cfg), cfg.image_size,
@@ -106,8 +119,35 @@ def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str = "
         note = f" (absent classes: {', '.join(m['absent_classes'])})" if m["absent_classes"] else ""
         log(f"{data.name}: accuracy {m['accuracy']:.4f}, mean class accuracy {m['mean_class_accuracy']:.4f}"
             f" on {m['n']} images{note}")
-    rundir.write_json(run / rundir.RESULTS, res)
+    _merge_results(run, res, merge, log)
     return res
+
+
+def _merge_results(run: Path, res: dict, merge: bool, log) -> dict:
+    """Write results.json: the test sets just evaluated replace their own entries; entries of other test
+    sets stay when they were evaluated on the same checkpoint of the same configuration (else they are
+    stale and dropped, with a note). ``merge=False`` keeps only this evaluation's test sets. The
+    read-merge-write holds a lock, so two evaluations of one run at once both land."""
+    def update(old):
+        if not merge or not isinstance(old, dict) or not isinstance(old.get("tests"), dict):
+            return res
+        # results.json files older than config_hash in it: the epoch, training set and method must agree
+        keys = ("epochs_trained", "train", "method") + (("config_hash",) if "config_hash" in old else ())
+        same = all(old.get(k) == res[k] for k in keys)
+        kept = {t: m for t, m in old["tests"].items() if t not in res["tests"]}
+        if kept and not same:
+            log(f"note: dropping results for {', '.join(kept)} from {run / rundir.RESULTS}: they were evaluated on "
+                f"another checkpoint (after epoch {old.get('epochs_trained')}; now epoch {res['epochs_trained']}, "
+                f"config hash {res['config_hash']})")
+            kept = {}
+        return {**res, "tests": {**kept, **res["tests"]}}
+
+    try:
+        return rundir.update_json(run / rundir.RESULTS, update)
+    except ValueError as e:  # an unreadable results.json (JSONDecodeError): replace it, saying so
+        log(f"note: {run / rundir.RESULTS} was unreadable ({e}); it now holds only this evaluation")
+        rundir.write_json(run / rundir.RESULTS, res)
+        return res
 
 
 def run_label(cfg: TrainConfig) -> str:

@@ -16,7 +16,39 @@ from torch import nn
 from .backbones import create_backbone
 from .separation import diverse_loss, separation_losses
 
-__all__ = ["MaskMapping", "MaskModel", "cafe_loss", "BaselineModel", "LinearProbe"]
+__all__ = ["FeatureNorm", "MaskMapping", "MaskModel", "cafe_loss", "BaselineModel", "LinearProbe"]
+
+
+class FeatureNorm(nn.Module):
+    """Per-channel standardization of the cached features with training-set statistics.
+
+    Off (the paper): identity, no buffers, so checkpoints of runs without it are unchanged.
+    On: ``(F - mean) / std`` with ``mean``/``std`` buffers set once from the training split and saved in
+    the checkpoint, so evaluation and prediction apply exactly what training saw. Encoders differ in
+    feature scale by orders of magnitude (CLIP's projection vs. a ReLU6 CNN's pooled activations), and
+    one learning rate cannot suit them all; standardized features make the recipe's rate mean the same.
+    """
+
+    def __init__(self, dim: int, enabled: bool = False):
+        super().__init__()
+        self.enabled = bool(enabled)
+        if self.enabled:
+            self.register_buffer("mean", torch.zeros(dim))
+            self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mean) / self.std if self.enabled else feats
+
+
+def feature_stats(feats: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over every row and view of (n, V, C) training features."""
+    x = feats.reshape(-1, feats.shape[-1]).double()
+    return x.mean(0).float(), x.std(0, unbiased=False).clamp_min(eps).float()
 
 
 class MaskMapping(nn.Module):
@@ -60,8 +92,9 @@ class MaskModel(nn.Module):
     """
 
     def __init__(self, backbone_name: str = "resnet18", feat_dim: int = 512, num_classes: int = 7,
-                 use_sigmoid: bool = True, mask_map: str = "auto", pretrained=None):
+                 use_sigmoid: bool = True, mask_map: str = "auto", pretrained=None, feature_norm: bool = False):
         super().__init__()
+        self.feat_norm = FeatureNorm(feat_dim, feature_norm)
         self.backbone = create_backbone(backbone_name, pretrained=pretrained)
         self.mask_map = MaskMapping(self.backbone.feature_dim, feat_dim, mask_map)
         self.fc = nn.Linear(feat_dim, num_classes)
@@ -74,7 +107,7 @@ class MaskModel(nn.Module):
                              "pick one view of (B, V, C) cached features first")
         m = self.mask_map(self.backbone(images))
         mask = torch.sigmoid(m) if self.use_sigmoid else m
-        masked = mask * feats.to(mask.dtype)
+        masked = mask * self.feat_norm(feats.to(mask.dtype))
         return {"logits": self.fc(masked), "masked": masked, "mask": mask}
 
 
@@ -127,9 +160,10 @@ class BaselineModel(nn.Module):
 class LinearProbe(nn.Module):
     """Logistic regression on the frozen features; images are unused (may be None)."""
 
-    def __init__(self, feat_dim: int, num_classes: int = 7):
+    def __init__(self, feat_dim: int, num_classes: int = 7, feature_norm: bool = False):
         super().__init__()
+        self.feat_norm = FeatureNorm(feat_dim, feature_norm)
         self.fc = nn.Linear(feat_dim, num_classes)
 
     def forward(self, images: torch.Tensor | None, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.fc(feats)}
+        return {"logits": self.fc(self.feat_norm(feats))}

@@ -12,9 +12,12 @@ from featcache.encoders.batched import tensor_preprocess
 
 
 class OnlineEncoder:
-    def __init__(self, enc_info: dict, device: torch.device):
+    def __init__(self, enc_info: dict, device: torch.device, trust_plugins: bool = False, source: str | None = None):
+        """``enc_info``: the store's encoder metadata. Its spec is imported as a plug-in only with
+        ``trust_plugins`` (--trust-plugins); ``source`` names the store and key for the refusal message."""
         spec = enc_info.get("spec") or enc_info["metadata"]["model"]
-        enc = create_encoder(spec, device=str(device))
+        enc = create_encoder(spec, device=str(device), trust_plugins=trust_plugins,
+                             source=source or f"the feature store's encoder {enc_info.get('key', '?')!r} (attribute 'spec')")
         if fingerprint(enc.metadata) != enc_info["fingerprint"]:
             raise RuntimeError(
                 f"--online-encoder: encoder {spec!r} now loads with fingerprint {fingerprint(enc.metadata)}, "

@@ -154,8 +154,9 @@ def check_group(cfgs: list[TrainConfig]) -> None:
                 f"Only {', '.join(PARALLEL_FIELDS)} may differ within a group; group configurations by "
                 "maskfer.parallel.group_key (or run them with --parallel 1)"
             )
-    if cfgs[0].method not in ("cafe", "baseline", "linear-probe"):
-        raise ConfigError(f"--parallel supports methods cafe, baseline and linear-probe, not {cfgs[0].method!r}")
+    if cfgs[0].method not in ("cafe", "baseline", "linear-head"):
+        raise ConfigError(f"--parallel stacks epoch-trained methods (cafe, baseline, linear-head), not {cfgs[0].method!r}: "
+                          "the linear probe is one L-BFGS solve per run (maskfer.probe); train it with --parallel 1")
 
 
 class _StateDictOf:
@@ -359,17 +360,18 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 class _Group:
-    def __init__(self, cfgs: list[TrainConfig], outs: list[Path], progress: bool, log, layout: str):
+    def __init__(self, cfgs: list[TrainConfig], outs: list[Path], progress: bool, log, layout: str,
+                 trust_plugins: bool = False):
         from maskfer.train import Trainer
 
         self.cfgs, self.outs, self.progress, self.log = cfgs, outs, progress, log
         self.k = len(cfgs)
         # The sequential Trainer of the first configuration loads the data and builds batches, so
         # the group's data path is the sequential one by construction (K = 1 reproduces it).
-        self.data = Trainer(cfgs[0], outs[0], progress=False, log=log)
+        self.data = Trainer(cfgs[0], outs[0], progress=False, log=log, trust_plugins=trust_plugins)
         self.device, self.feat_dim = self.data.device, self.data.feat_dim
         self.layout = default_layout(self.device) if layout == "auto" else layout
-        if cfgs[0].method != "linear-probe" and self.layout == "grouped":
+        if cfgs[0].method != "linear-head" and self.layout == "grouped":
             from maskfer.backbones import create_backbone
 
             reason = unsupported_for_grouping(create_backbone(cfgs[0].backbone))
@@ -406,9 +408,9 @@ class _Group:
                       "encoder": {k: self.data.enc_info.get(k) for k in ("key", "spec", "fingerprint", "dim")},
                       "classes": list(CLASSES), "parallel_group": self._note(i)}
             if cfg_path.exists() and ckpt.exists():
-                old = rundir.read_json(cfg_path)
+                old, old_cfg = rundir.read_run_config(out)  # a damaged file: an error naming it and the field
                 if old.get("config_hash") != stored["config_hash"]:
-                    old_id = TrainConfig.from_dict(old["config"]).identity()
+                    old_id = old_cfg.identity()
                     diff = sorted(k for k, v in cfg.identity().items() if old_id.get(k) != v)
                     raise TrainError(
                         f"run directory {out} holds a run with another configuration (differs in: {', '.join(diff)}). "
@@ -449,7 +451,7 @@ class _Group:
         for i in active:
             cfg = self.cfgs[i]
             torch.manual_seed(cfg.seed)
-            model = build_model(cfg, self.feat_dim)
+            model = build_model(cfg, self.feat_dim, self.data.feat_stats)
             if start > 0:
                 sd, opt_sd, meta = rundir.load_checkpoint(self.outs[i] / rundir.LAST)
                 model.load_state_dict(sd)
@@ -469,7 +471,7 @@ class _Group:
 
     def _segment(self, active: list[int], start: int, stop: int) -> None:
         from maskfer.evaluate import metrics as eval_metrics
-        from maskfer.train import PROGRESS_EVERY, _generators, epoch_order
+        from maskfer.train import PROGRESS_EVERY, _generators, batch_bounds, epoch_order, track_nonfinite
 
         cfg0, dev, data = self.cfgs[0], self.device, self.data
         stacked, opt, sched = self._build(active, start)
@@ -479,18 +481,21 @@ class _Group:
         use_sep = torch.tensor(spec.use_sep, device=dev)
         use_div = torch.tensor(spec.use_div, device=dev)
         n = len(data.train_data)
-        steps = (n + cfg0.batch_size - 1) // cfg0.batch_size
+        bounds = batch_bounds(n, cfg0.batch_size)  # a lone last sample joins the batch before it, as in Trainer
+        steps = len(bounds)
         for epoch in range(start, stop + 1):
             cpu_gen, dev_gen = _generators(cfg0, epoch, dev)
             order = epoch_order(data.train_data.labels, cfg0.balanced, cpu_gen)
             stacked.train()
             sums = torch.zeros(4, ka, dtype=torch.float64, device=dev)   # loss, ce, sep, div (as Trainer: float64)
             correct = torch.zeros(ka, dtype=torch.long, device=dev)
+            first_bad = torch.full((4, ka), -1, dtype=torch.long, device=dev)  # see maskfer.train.track_nonfinite
+            bad_value = torch.zeros(4, ka, device=dev)
             seen, t0 = 0, time.perf_counter()
             desc = f"epoch {epoch + 1}/{cfg0.epochs} x{ka}"
             with progress_bar(desc, total=n, enabled=self.progress) as advance:
-                for s in range(steps):
-                    pos = order[s * cfg0.batch_size:(s + 1) * cfg0.batch_size]
+                for s, (lo, hi) in enumerate(bounds):
+                    pos = order[lo:hi]
                     b = data._batch(data.train_data, pos, True, dev_gen)
                     o = stacked(b.x, b.feats)
                     if cafe:
@@ -508,13 +513,16 @@ class _Group:
                         torch.where(use_sep, parts["sep"], zero) if "sep" in parts else zero,
                         torch.where(use_div, parts["div"], zero) if "div" in parts else zero,
                     ])
+                    first_bad, bad_value = track_nonfinite(first_bad, bad_value, row, s)
                     sums += row.double() * bs
                     correct += (o["logits"].detach().argmax(2) == b.y.view(-1, 1)).sum(0)
                     seen += bs
                     if self.progress and ((s + 1) % PROGRESS_EVERY == 0 or s + 1 == steps):
                         advance(bs, loss=float(sums[0].mean()) / seen, acc=float(correct.float().mean()) / seen)
+                        self._check_finite(first_bad, bad_value, active, epoch, steps)  # synced just above
                     else:
                         advance(bs)
+            self._check_finite(first_bad, bad_value, active, epoch, steps)  # the epoch's sync point
             sched.step()
             dt = time.perf_counter() - t0
             sums_l, correct_l = sums.cpu().tolist(), correct.cpu().tolist()
@@ -545,8 +553,25 @@ class _Group:
         self.model = stacked
 
 
+    def _check_finite(self, first_bad, bad_value, active: list[int], epoch: int, steps: int) -> None:
+        """Stop the group when any model's loss went NaN/inf (before any checkpoint of this epoch is written:
+        every run directory keeps its previous epoch); the error names the diverged runs."""
+        from maskfer.train import _diverged, nonfinite_message
+
+        fb, bv = first_bad.cpu(), bad_value.cpu()
+        msgs = []
+        for j, i in enumerate(active):
+            m = nonfinite_message(fb[:, j], bv[:, j], epoch, self.cfgs[i].epochs, steps)
+            if m:
+                msgs.append(f"run {i + 1}/{self.k} ({self.outs[i]}): {m}")
+        if msgs:
+            where = ", ".join(str(self.outs[i]) for i in active)
+            raise _diverged("; ".join(msgs) + f" (trained in one parallel group with {where})",
+                            self.outs[active[0]] if len(active) == 1 else Path("each run directory"), epoch)
+
+
 def train_parallel(cfgs: list[TrainConfig], outs: list[Path], progress: bool = True, log=print,
-                   layout: str = "auto") -> list[dict]:
+                   layout: str = "auto", trust_plugins: bool = False) -> list[dict]:
     """Train (or resume) K configurations as one fused model on one device; one run directory each.
 
     Preconditions: the configurations differ only in :data:`PARALLEL_FIELDS` (else ConfigError,
@@ -566,5 +591,5 @@ def train_parallel(cfgs: list[TrainConfig], outs: list[Path], progress: bool = T
     if len(set(resolved)) != len(resolved):
         dup = next(str(o) for o in outs if resolved.count(o.resolve()) > 1)
         raise ConfigError(f"each configuration needs its own run directory; {dup} is given more than once")
-    return _Group(cfgs, outs, progress, log, layout).run()
+    return _Group(cfgs, outs, progress, log, layout, trust_plugins).run()
 

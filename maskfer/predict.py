@@ -14,6 +14,7 @@ from featcache.build import encode_views
 from featcache.encoders import create_encoder, fingerprint
 from featcache.images import ImageError, load_image, resize_uint8
 from featcache.taxonomy import CLASSES
+from maskfer import rundir
 from maskfer.augment import prepare_images
 from maskfer.evaluate import EvalError, load_run
 
@@ -35,7 +36,10 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return files
 
 
-def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size: int = 32) -> list[dict]:
+def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size: int = 32,
+            trust_plugins: bool = False) -> list[dict]:
+    """``trust_plugins`` (--trust-plugins): allow a plug-in encoder spec named in the run's config.json
+    to be imported; off by default, since a run directory may come from anyone."""
     from maskfer.train import resolve_device, uses_images
 
     dev = resolve_device(device)
@@ -44,7 +48,8 @@ def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size
     enc = None
     if need_feats:
         spec = stored["encoder"]["spec"]
-        enc = create_encoder(spec, device=str(dev))
+        enc = create_encoder(spec, device=str(dev), trust_plugins=trust_plugins,
+                             source=f"{Path(run) / rundir.CONFIG} (field encoder.spec)")
         if fingerprint(enc.metadata) != stored["encoder"]["fingerprint"]:
             raise EvalError(f"encoder {spec!r} now loads with another fingerprint than the run was trained on "
                             f"({fingerprint(enc.metadata)} vs {stored['encoder']['fingerprint']})")

@@ -271,7 +271,7 @@ CONFIG_SUMMARY = [
 def run_page(run: Path, out: Path, *, baseline=None, test=None, max_points=2000, device="cpu", cache=None,
              tsne=True, log=print) -> Page:
     """Figures of one run into ``out``; returns the page (image paths relative to ``out``)."""
-    stored = rundir.read_json(run / rundir.CONFIG)
+    stored, _ = rundir.read_run_config(run)  # a damaged config.json is one line naming the field, not a traceback
     cfg = stored.get("config", {})
     metrics = rundir.read_metrics(run)
     results = rundir.read_json(run / rundir.RESULTS) if (run / rundir.RESULTS).exists() else None
@@ -419,7 +419,8 @@ def pick_tsne_test(train: str, results: dict | None, cfg_tests: list[str], test:
 def _representation(cfg) -> str:
     return {"cafe": "masked features sigmoid(M)·F" if cfg.sigmoid else "masked features M·F (no-sigmoid ablation)",
             "baseline": "backbone's global-average-pooled features (before its classifier)",
-            "linear-probe": "raw cached features F (a linear probe has no mask)"}[cfg.method]
+            "linear-probe": "raw cached features F (a linear probe has no mask)",
+            "linear-head": "raw cached features F (a linear head has no mask)"}[cfg.method]
 
 
 def embed(model, cfg, data, device, batch_size: int = 128) -> np.ndarray:
@@ -435,7 +436,7 @@ def embed(model, cfg, data, device, batch_size: int = 128) -> np.ndarray:
         for s in range(0, len(data), batch_size):
             pos = torch.arange(s, min(s + batch_size, len(data)))
             feats = data.feats[pos, 0].to(device)
-            if cfg.method == "linear-probe":
+            if cfg.method in ("linear-probe", "linear-head"):
                 out.append(feats.float().cpu())
                 continue
             x = prepare_images(data.bank.get(data.rows[pos.numpy()]).to(device), cfg.image_size)

@@ -46,6 +46,93 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def read_run_config(run: Path):
+    """``(stored, cfg)``: a run directory's config.json, checked field by field, and its TrainConfig.
+
+    A damaged or hand-edited file raises RunDirError naming the file and the field (invalid JSON, a
+    value of the wrong type or out of range, an unknown method, a feature dim that is not a positive
+    integer or disagrees with the encoder's), instead of a traceback from wherever the value is used.
+    """
+    from maskfer.config import ConfigError, TrainConfig, check_types
+
+    path = Path(run) / CONFIG
+
+    def bad(field: str, why: str) -> RunDirError:
+        return RunDirError(f"{path}: invalid field {field!r}: {why}")
+
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{Path(run)} is not a maskfer run directory (no {CONFIG})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: cannot read it: {e}") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the file is "
+                          "damaged: restore it or train the run again") from None
+    if not isinstance(stored, dict):
+        raise RunDirError(f"{path}: expected a JSON object, not {type(stored).__name__}")
+    raw = stored.get("config")
+    if not isinstance(raw, dict):
+        raise bad("config", f"expected an object of training options, not {raw!r}")
+    try:
+        cfg = TrainConfig.from_dict(raw)
+        check_types(raw)
+        cfg.validate(check_files=False)
+    except ConfigError as e:
+        raise (bad(f"config.{e.field}", str(e)) if e.field else RunDirError(f"{path}: field 'config': {e}")) from None
+    dim = stored.get("feat_dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise bad("feat_dim", f"expected a positive integer (the feature dimension), not {dim!r}")
+    enc = stored.get("encoder")
+    if not isinstance(enc, dict):
+        raise bad("encoder", f"expected an object (key, spec, fingerprint, dim), not {enc!r}")
+    for k in ("key", "spec", "fingerprint"):
+        if enc.get(k) is not None and not isinstance(enc[k], str):
+            raise bad(f"encoder.{k}", f"expected a string, not {enc[k]!r}")
+    if not isinstance(enc.get("key"), str):
+        raise bad("encoder.key", f"expected the store's encoder key (a string), not {enc.get('key')!r}")
+    if enc.get("dim") is not None and enc["dim"] != dim:
+        raise bad("feat_dim", f"{dim} disagrees with encoder.dim {enc['dim']!r}")
+    size = stored.get("source_image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise bad("source_image_size", f"expected a positive integer or null, not {size!r}")
+    from featcache.taxonomy import CLASSES
+
+    if "classes" in stored and stored["classes"] != list(CLASSES):
+        raise bad("classes", f"{stored['classes']!r} is not this tool's class order {list(CLASSES)}")
+    return stored, cfg
+
+
+def update_json(path: Path, fn) -> object:
+    """Read-modify-write a JSON file atomically: ``fn(old or None) -> new``; concurrent updaters of the same
+    file (two `maskfer eval` of one run) are serialised by an advisory lock on its directory, so neither
+    loses the other's change. Returns what was written."""
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): the write is still atomic
+        fcntl = None
+    fd = os.open(path.parent, os.O_RDONLY) if fcntl else None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        old = read_json(path) if path.exists() else None
+        new = fn(old)
+        write_json(path, new)
+        return new
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN/inf, or None."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
 def _clean(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
@@ -82,9 +169,14 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         ot, opt_meta = flatten_optimizer(opt)
         tensors.update(ot)
     blob = {"meta": meta, "optimizer": opt_meta}
+    clean = _clean(tensors)
+    bad = _nonfinite(clean)  # once per checkpoint, on the CPU copy: the last guard against saving diverged weights
+    if bad:
+        raise RunDirError(f"refusing to write checkpoint {path}: {bad} holds NaN/inf values (training diverged); "
+                          "the previous checkpoint is kept")
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
-        save_file(_clean(tensors), str(tmp), metadata={"maskfer": json.dumps(blob)})
+        save_file(clean, str(tmp), metadata={"maskfer": json.dumps(blob)})
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -216,6 +216,8 @@ class StackedModel(nn.Module):
             self._sigmoid = [bool(m.use_sigmoid) for m in models]
             self.register_buffer("sigmoid_on", torch.tensor(self._sigmoid), persistent=False)
         self.fc = stack_modules([m.fc for m in models], shared_input=self.kind == "linear-probe")
+        # --feature-norm is a data field, equal within a group: one shared copy, not K slices
+        self.feat_norm = copy.deepcopy(first.feat_norm) if self.kind != "baseline" else None
         self.num_classes = first.fc.out_features
         self.train(first.training)
         # Where each of the model's tensors lives in the stack: (stacked key, sliced along dim 0?).
@@ -234,6 +236,8 @@ class StackedModel(nn.Module):
                 self._contributors.setdefault(sk, []).append((k, j, sliced))
 
     def _source(self, model_key: str, k: int) -> tuple[str, bool]:
+        if model_key.startswith("feat_norm."):
+            return model_key, False
         if self.layout == "loop" and model_key.startswith("backbone."):
             return f"backbones.{k}.{model_key[len('backbone.'):]}", False
         return model_key, True
@@ -246,7 +250,7 @@ class StackedModel(nn.Module):
     def forward(self, images: torch.Tensor | None, feats: torch.Tensor | None) -> dict[str, torch.Tensor]:
         k, L = self.k, self.num_classes
         if self.kind == "linear-probe":
-            return {"logits": self.fc(feats).view(feats.shape[0], k, L)}
+            return {"logits": self.fc(self.feat_norm(feats)).view(feats.shape[0], k, L)}
         v = self._features(images)
         b = v.shape[0]
         if self.kind == "baseline":
@@ -267,7 +271,7 @@ class StackedModel(nn.Module):
             mask = m
         else:
             mask = torch.where(self.sigmoid_on.view(1, k, 1), torch.sigmoid(m), m)
-        masked = mask * feats.to(mask.dtype).unsqueeze(1)
+        masked = mask * self.feat_norm(feats.to(mask.dtype)).unsqueeze(1)
         return {"logits": self.fc(masked.reshape(b, k * c)).view(b, k, L), "masked": masked, "mask": mask}
 
     def model_state_dict(self, k: int) -> dict[str, torch.Tensor]:

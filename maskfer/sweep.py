@@ -248,8 +248,9 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
     from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder
     from maskfer.train import NUM_CLASSES, uses_images
 
-    if cfg.online_encoder and cfg.method == "baseline":
-        raise ConfigError("--online-encoder needs features: use it with --method cafe or linear-probe")
+    if cfg.online_encoder and cfg.method in ("baseline", "linear-probe"):
+        raise ConfigError("--online-encoder recomputes features for an epoch loop: use it with --method cafe or "
+                              "linear-head (baseline uses no features; linear-probe fits the cached ones once)")
     if cfg.cache not in stores:
         stores[cfg.cache] = open_store(cfg.cache)
     store = stores[cfg.cache]
@@ -322,6 +323,8 @@ def check_data(points) -> None:
 def _finished(run: Path, cfg: TrainConfig) -> bool:
     """Trained to the last epoch (the test results are checked separately: :func:`_has_results`)."""
     rows = rundir.read_metrics(run)
+    if cfg.method == "linear-probe":  # one solve, one metrics row (maskfer.probe)
+        return bool(rows) and (run / rundir.LAST).exists()
     return len(rows) >= cfg.epochs and (run / rundir.LAST).exists()
 
 
@@ -360,7 +363,7 @@ def plan_sweep(base: TrainConfig, grid: dict[str, list], out: Path, write: bool 
 
 
 def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, parallel: int = 1, progress: bool = True,
-              log=print) -> dict:
+              log=print, trust_plugins: bool = False) -> dict:
     from maskfer.evaluate import evaluate_run
     from maskfer.train import Trainer
 
@@ -369,32 +372,36 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, paralle
     points = plan_sweep(base, grid, out)
     todo = [(rid, p, c) for rid, p, c in points if not _finished(out / "runs" / rid, c)]
     log(f"sweep {out}: {len(points)} configurations, {len(points) - len(todo)} already finished")
-    if parallel > 1 and todo:
+    # The converged linear probe is one L-BFGS solve, not an epoch loop: nothing to stack.
+    stacked = [t for t in todo if t[2].method != "linear-probe"] if parallel > 1 else []
+    if stacked:
         from maskfer.parallel import group_key, train_parallel
 
         groups: dict[str, list] = {}
-        for rid, p, c in todo:
+        for rid, p, c in stacked:
             groups.setdefault(group_key(c), []).append((rid, p, c))
         for members in groups.values():
             for s in range(0, len(members), parallel):
                 chunk = members[s:s + parallel]
                 log(f"training {len(chunk)} configurations at once: {', '.join(r for r, _, _ in chunk)}")
                 train_parallel([c for _, _, c in chunk], [out / "runs" / r for r, _, _ in chunk],
-                               progress=progress, log=log)
+                               progress=progress, log=log, trust_plugins=trust_plugins)
                 for rid, _, c in chunk:
                     if c.test:
-                        evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log)
-    else:
-        for i, (rid, p, c) in enumerate(todo):
-            log(f"[{i + 1}/{len(todo)}] {rid}")
-            trainer = Trainer(c, out / "runs" / rid, progress, log)
+                        evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False)
+    sequential = [t for t in todo if t not in stacked]
+    if sequential:
+        for i, (rid, p, c) in enumerate(sequential):
+            log(f"[{i + 1}/{len(sequential)}] {rid}")
+            trainer = Trainer(c, out / "runs" / rid, progress, log, trust_plugins=trust_plugins)
             trainer.run()
             if c.test:
-                evaluate_run(out / "runs" / rid, c.cache, c.test, trainer=trainer, log=log)
-    # trained earlier but killed before its evaluation, or the sweep is rerun with other --test sets
+                evaluate_run(out / "runs" / rid, c.cache, c.test, trainer=trainer, log=log, merge=False)
+    # trained earlier but killed before its evaluation, or the sweep is rerun with other --test sets.
+    # merge=False everywhere: a sweep run's results.json holds exactly its configuration's test sets.
     for rid, _, c in points:
         if not _has_results(out / "runs" / rid, c):
-            evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log)
+            evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False)
     return summarize_sweep(out, points, grid)
 
 

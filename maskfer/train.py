@@ -1,4 +1,4 @@
-"""`maskfer train`: fit cafe / baseline / linear-probe against a feature store, resumably.
+"""`maskfer train`: fit cafe / baseline / linear-head (epoch loop) or linear-probe (maskfer.probe), resumably.
 
 Determinism: the model is initialised from ``seed``; every epoch draws its sample order,
 augmentation and channel drops from generators seeded by (seed, epoch). A run resumed from
@@ -19,12 +19,13 @@ from featcache.progress import progress_bar
 from featcache.taxonomy import CLASSES
 from maskfer import rundir
 from maskfer.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch, prepare_images
-from maskfer.config import ConfigError, TrainConfig
+from maskfer.config import FEATURE_ONLY_METHODS, ConfigError, TrainConfig
 from maskfer.data import DataError, SplitData, holdout_split, load_split, parse_holdout
-from maskfer.model import BaselineModel, LinearProbe, MaskModel, cafe_loss
+from maskfer.model import BaselineModel, LinearProbe, MaskModel, cafe_loss, feature_stats
 
 NUM_CLASSES = 7
 LOSS_PARTS = ("loss", "ce", "sep", "div")  # logged per epoch as train_<part>
+PROBE_HOLDOUT = 0.1  # share of the training split the probe picks its L2 strength on, without a val split
 PROGRESS_EVERY = 10  # steps between progress-bar loss/acc refreshes (each one is a device sync)
 
 
@@ -32,17 +33,68 @@ class TrainError(Exception):
     pass
 
 
-def build_model(cfg: TrainConfig, feat_dim: int) -> torch.nn.Module:
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each training batch of an epoch over ``n`` samples.
+
+    A last batch of ONE sample is folded into the batch before it (which then holds batch_size + 1):
+    BatchNorm cannot normalise a lone sample in training mode (torch raises when a channel has a
+    single value, e.g. at small image sizes) and its statistics would be meaningless anyway; folding
+    keeps every sample in every epoch, where dropping it would not. Training only: evaluation
+    (maskfer.evaluate.predict_logits) runs in eval mode and sees every row in plain batches.
+    """
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:  # (--batch-size 1: as asked)
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def track_nonfinite(first_bad: torch.Tensor, bad_value: torch.Tensor, row: torch.Tensor, step: int):
+    """Device-side record of the first step at which each entry of ``row`` (the step's loss terms) was
+    NaN/inf: ``first_bad`` (-1 = never) and the value then. Elementwise ops only, so no host sync; the
+    trainers read it where they sync anyway (progress refreshes, the end of the epoch)."""
+    new = (first_bad < 0) & ~torch.isfinite(row)
+    return torch.where(new, step, first_bad), torch.where(new, row.to(bad_value.dtype), bad_value)
+
+
+def nonfinite_message(first_bad: torch.Tensor, bad_value: torch.Tensor, epoch: int, epochs: int, steps: int,
+                      terms: tuple[str, ...] = LOSS_PARTS) -> str | None:
+    """None when every recorded term stayed finite, else the sentence naming epoch, step and term(s).
+    ``first_bad``/``bad_value``: (len(terms),) as on the device (reading them syncs)."""
+    fb, bv = first_bad.cpu(), bad_value.cpu()
+    if not bool((fb >= 0).any()):
+        return None
+    step = int(fb[fb >= 0].min())
+    hit = [i for i in range(len(terms)) if int(fb[i]) == step]
+    named = [i for i in hit if terms[i] != "loss"] or hit  # the parts say which term; the total only if none
+    what = ", ".join(f"{terms[i]} = {float(bv[i])}" for i in named)
+    return f"the training loss is not finite in epoch {epoch + 1}/{epochs}, step {step + 1}/{steps} ({what})"
+
+
+def _diverged(msg: str, out: Path, epoch: int) -> TrainError:
+    kept = f"{out} keeps the checkpoint of epoch {epoch}" if epoch else f"no checkpoint was written to {out}"
+    return TrainError(f"{msg}: training stopped, {kept} (the weights of a non-finite step are not saved). Look for "
+                      "features of extreme magnitude (`featcache verify`), or lower --lr")
+
+
+def build_model(cfg: TrainConfig, feat_dim: int, feat_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.nn.Module:
+    """The method's model; ``feat_stats`` (mean, std) initialise --feature-norm standardize (a checkpoint
+    loaded afterwards carries its own)."""
+    norm = cfg.feature_norm == "standardize"
     if cfg.method == "cafe":
-        return MaskModel(cfg.backbone, feat_dim, NUM_CLASSES, use_sigmoid=cfg.sigmoid, mask_map=cfg.mask_map,
-                         pretrained=cfg.pretrained)
-    if cfg.method == "baseline":
+        model = MaskModel(cfg.backbone, feat_dim, NUM_CLASSES, use_sigmoid=cfg.sigmoid, mask_map=cfg.mask_map,
+                          pretrained=cfg.pretrained, feature_norm=norm)
+    elif cfg.method == "baseline":
         return BaselineModel(cfg.backbone, NUM_CLASSES, pretrained=cfg.pretrained)
-    return LinearProbe(feat_dim, NUM_CLASSES)
+    else:
+        model = LinearProbe(feat_dim, NUM_CLASSES, feature_norm=norm)
+    if norm and feat_stats is not None:
+        model.feat_norm.set_stats(*feat_stats)
+    return model
 
 
 def uses_images(cfg: TrainConfig) -> bool:
-    return cfg.method != "linear-probe"
+    return cfg.method not in FEATURE_ONLY_METHODS
 
 
 def _generators(cfg: TrainConfig, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -70,7 +122,8 @@ class Batch:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: Path, progress: bool = True, log=print):
+    def __init__(self, cfg: TrainConfig, out: Path, progress: bool = True, log=print, trust_plugins: bool = False):
+        # trust_plugins (--trust-plugins) is deliberately NOT a config field: config.json files are shared.
         self.cfg, self.out, self.progress, self.log = cfg.validate(), Path(out), progress, log
         try:
             self.device = resolve_device(cfg.device)
@@ -92,6 +145,11 @@ class Trainer:
         except DataError as e:
             raise TrainError(str(e)) from None
         self.feat_dim = int(self.enc_info["dim"])
+        # --feature-norm statistics: the training rows only (a holdout is already excluded), both views
+        self.feat_stats = feature_stats(self.train_data.feats) if cfg.feature_norm == "standardize" else None
+        if uses_images(cfg) and len(self.train_data) < 2:
+            raise TrainError(f"{self.train_data.name} has {len(self.train_data)} training image(s): the {cfg.backbone} "
+                             "backbone's BatchNorm needs at least 2 per batch")
         smallest = self.feat_dim // NUM_CLASSES
         if cfg.method == "cafe" and cfg.separation and cfg.drop >= smallest:
             raise ConfigError(
@@ -100,11 +158,13 @@ class Trainer:
             )
         self.online = None
         if cfg.online_encoder:
-            if cfg.method == "baseline":
-                raise ConfigError("--online-encoder needs features: use it with --method cafe or linear-probe")
+            if cfg.method in ("baseline", "linear-probe"):
+                raise ConfigError("--online-encoder recomputes features for an epoch loop: use it with --method cafe or "
+                                  "linear-head (baseline uses no features; linear-probe fits the cached ones once)")
             from maskfer.online import OnlineEncoder
 
-            self.online = OnlineEncoder(self.enc_info, self.device)
+            self.online = OnlineEncoder(self.enc_info, self.device, trust_plugins=trust_plugins, source=(
+                f"{cfg.cache} (attribute 'spec' of /datasets/{cfg.train.partition(':')[0]}/encoders/{self.enc_info['key']})"))
 
     # ------------------------------------------------------------------ batches
     def _batch(self, data: SplitData, pos: torch.Tensor, train: bool, gen: torch.Generator | None) -> Batch:
@@ -134,12 +194,15 @@ class Trainer:
     def run(self) -> dict:
         cfg, out = self.cfg, self.out
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, self.feat_dim).to(self.device)
+        model = build_model(cfg, self.feat_dim, self.feat_stats).to(self.device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
         start = self._prepare_dir(model, opt, sched)
+        if cfg.method == "linear-probe":
+            return self._fit_probe(model, opt, sched, done=start > 0)
         n = len(self.train_data)
-        steps = (n + cfg.batch_size - 1) // cfg.batch_size
+        bounds = batch_bounds(n, cfg.batch_size)
+        steps = len(bounds)
         for epoch in range(start, cfg.epochs):
             cpu_gen, dev_gen = _generators(cfg, epoch, self.device)
             order = epoch_order(self.train_data.labels, cfg.balanced, cpu_gen)
@@ -147,10 +210,12 @@ class Trainer:
             # Running sums stay on the device: reading them every step would sync the GPU each step.
             sums = torch.zeros(len(LOSS_PARTS), dtype=torch.float64, device=self.device)
             correct = torch.zeros((), dtype=torch.long, device=self.device)
+            first_bad = torch.full((len(LOSS_PARTS),), -1, dtype=torch.long, device=self.device)
+            bad_value = torch.zeros(len(LOSS_PARTS), device=self.device)
             seen, t0 = 0, time.perf_counter()
             with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", total=n, enabled=self.progress) as advance:
-                for s in range(steps):
-                    pos = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                for s, (lo, hi) in enumerate(bounds):
+                    pos = order[lo:hi]
                     b = self._batch(self.train_data, pos, True, dev_gen)
                     o = model(b.x, b.feats)
                     if cfg.method == "cafe":
@@ -164,13 +229,21 @@ class Trainer:
                     opt.step()
                     k = len(pos)
                     zero = torch.zeros_like(loss.detach())
-                    sums += torch.stack([loss.detach()] + [parts.get(p, zero) for p in LOSS_PARTS[1:]]).double() * k
+                    terms = torch.stack([loss.detach()] + [parts.get(p, zero) for p in LOSS_PARTS[1:]])
+                    first_bad, bad_value = track_nonfinite(first_bad, bad_value, terms, s)
+                    sums += terms.double() * k
                     correct += (o["logits"].detach().argmax(1) == b.y).sum()
                     seen += k
                     if self.progress and ((s + 1) % PROGRESS_EVERY == 0 or s + 1 == steps):
                         advance(k, loss=float(sums[0]) / seen, acc=int(correct) / seen)
+                        bad = nonfinite_message(first_bad, bad_value, epoch, cfg.epochs, steps)  # synced just above
+                        if bad:
+                            raise _diverged(bad, out, epoch)
                     else:
                         advance(k)
+            bad = nonfinite_message(first_bad, bad_value, epoch, cfg.epochs, steps)  # the epoch's sync point
+            if bad:
+                raise _diverged(bad, out, epoch)
             sched.step()
             totals = dict(zip(LOSS_PARTS, sums.tolist()))
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_acc": int(correct) / seen,
@@ -194,6 +267,45 @@ class Trainer:
         self.model = model
         return {"epochs": cfg.epochs, "last": rundir.read_metrics(out)[-1] if cfg.epochs else {}}
 
+    def _fit_probe(self, model, opt, sched, done: bool) -> dict:
+        """The converged linear probe (maskfer.probe): one L-BFGS solve per L2 strength, no epochs.
+
+        Its checkpoint counts as the run's last epoch, so resume, sweeps and evaluation treat a
+        fitted probe as a finished run.
+        """
+        from maskfer.probe import fit_probe
+
+        cfg, out = self.cfg, self.out
+        if not done:
+            train, select, refit = self.train_data, self.val_data, None
+            if select is None:  # no validation data given: choose the L2 strength on a holdout, refit on all
+                train, select = holdout_split(self.train_data, PROBE_HOLDOUT)
+                refit = self.train_data
+            t0 = time.perf_counter()
+            fit = fit_probe(train.feats, train.labels, select.feats[:, 0], select.labels,
+                            refit.feats if refit else None, refit.labels if refit else None, NUM_CLASSES,
+                            log=self.log if self.progress else None)
+            w, b = fit.weight, fit.bias                  # on raw features
+            if model.feat_norm.enabled:                  # the model standardizes first: x = std * z + mean
+                mean, std = (t.cpu() for t in (model.feat_norm.mean, model.feat_norm.std))
+                w, b = w * std, b + w @ mean
+            with torch.no_grad():
+                model.fc.weight.copy_(w.to(self.device))
+                model.fc.bias.copy_(b.to(self.device))
+            row = {"epoch": cfg.epochs - 1, "solver": "lbfgs", "train_loss": fit.train_loss, "train_acc": fit.train_acc,
+                   "val_acc": fit.val_acc, "probe_lambda": fit.lam, "probe_iterations": fit.iterations,
+                   "probe_converged": fit.converged, "probe_curve": fit.curve,
+                   "selected_on": select.name, "seconds": time.perf_counter() - t0}
+            rundir.save_checkpoint(out / rundir.LAST, model, opt,
+                                   {"epoch": cfg.epochs - 1, "config_hash": cfg.identity_hash(),
+                                    "scheduler": sched.state_dict(), "feat_dim": self.feat_dim, "metrics": [row]})
+            rundir.append_metrics(out, row)
+            self.log(f"linear probe: L2 {fit.lam:.0e} chosen on {select.name} (val acc {fit.val_acc:.4f}), "
+                     f"train acc {fit.train_acc:.4f}, {fit.iterations} L-BFGS iterations"
+                     + ("" if fit.converged else " (NOT converged)"))
+        self.model = model
+        return {"epochs": cfg.epochs, "last": rundir.read_metrics(out)[-1]}
+
     def _prepare_dir(self, model, opt, sched) -> int:
         """Write the config, or check it and resume from the last checkpoint. Returns the first epoch to run."""
         cfg, out = self.cfg, self.out
@@ -209,10 +321,10 @@ class Trainer:
                   "source_image_size": bank.size if bank is not None else None}
         ckpt = out / rundir.LAST
         if cfg_path.exists() and ckpt.exists():
-            old = rundir.read_json(cfg_path)
+            old, old_cfg = rundir.read_run_config(out)  # a damaged file: an error naming it and the field
             diff = []
             if old.get("config_hash") != stored["config_hash"]:
-                old_id = TrainConfig.from_dict(old["config"]).identity()
+                old_id = old_cfg.identity()
                 diff = sorted(k for k, v in cfg.identity().items() if old_id.get(k) != v)
             old_fp = (old.get("encoder") or {}).get("fingerprint")
             if old_fp != stored["encoder"]["fingerprint"]:
@@ -239,9 +351,21 @@ class Trainer:
 
 
 
-def train(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print, evaluate_tests: bool = True) -> dict:
-    """Train (or resume) a run and, when ``cfg.test`` is set, evaluate it on those test sets."""
-    trainer = Trainer(cfg, Path(out), progress, log)
+def train(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print, evaluate_tests: bool = True,
+          trust_plugins: bool = False) -> dict:
+    """Train (or resume) a run and, when ``cfg.test`` is set, evaluate it on those test sets.
+
+    ``trust_plugins``: let --online-encoder import a plug-in encoder spec named in the store."""
+    trainer = Trainer(cfg, Path(out), progress, log, trust_plugins=trust_plugins)
+    if evaluate_tests and cfg.test:  # a wrong --test fails now, not after the training it would follow
+        from maskfer.data import check_test_sets
+
+        info = trainer.enc_info
+        try:
+            check_test_sets(cfg.cache, cfg.test, info["key"], info.get("fingerprint"), trainer.feat_dim,
+                            uses_images(cfg), cfg.root, trained=f"this run (training set {cfg.train})")
+        except DataError as e:
+            raise TrainError(str(e)) from None
     summary = trainer.run()
     if evaluate_tests and cfg.test:
         from maskfer.evaluate import evaluate_run

@@ -91,12 +91,12 @@ def cafe_run(store, fx_base):
 
 @pytest.fixture
 def probe_run(store, fx_base):
-    return mf.trained_run(fx_base, store, "eval-probe", method="linear-probe", lr=5e-2, epochs=3)
+    return mf.trained_run(fx_base, store, "eval-probe", method="linear-head", lr=5e-2, epochs=3)
 
 
 def test_evaluate_run_linear_probe_against_numpy(store, probe_run):
     res = evaluate_run(probe_run, None, ["domA:test", "domB"], device="cpu", log=mf.quiet)
-    assert res["label"] == "domA / linear-probe" and res["epochs_trained"] == 3 and res["train"] == "domA"
+    assert res["label"] == "domA / linear-head" and res["epochs_trained"] == 3 and res["train"] == "domA"
     assert list(res["tests"]) == ["domA:test", "domB:test"]    # 'domB' -> its test split
     model, _, _ = load_run(probe_run, torch.device("cpu"))
     w, b = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # CLI parameter name -> TrainConfig field; "no_*" flags are the negation of a True-by-default field
 _RENAMED = {"train_spec": "train"}
 _NEGATED = {"no_sigmoid": "sigmoid", "no_separation": "separation", "no_diverse": "diverse", "no_flip": "flip"}
-_CLI_ONLY = {"out", "quiet"}
+_CLI_ONLY = {"out", "quiet", "trust_plugins"}  # trust_plugins is never a config field: config.json is shared
 
 
 def invoke(*args):
@@ -73,6 +73,7 @@ def test_train_help_shows_the_paper_defaults():
 FLAGS = {
     "cafe": ["--method", "cafe"],
     "baseline": ["--method", "baseline"],
+    "linear-head": ["--method", "linear-head"],
     "linear-probe": ["--method", "linear-probe"],
     "no-sigmoid": ["--no-sigmoid"],
     "no-separation": ["--no-separation"],
@@ -98,12 +99,12 @@ def test_cli_train_every_method_and_ablation(store, tmp_path, variant):
     assert len(rundir.read_metrics(out)) == 1 and (out / "checkpoint_last.safetensors").exists()
     assert set(json.loads((out / "results.json").read_text())["tests"]) == {"domA:test", "domB:test"}
     assert "| run | domA:test | domB:test | mean |" in r.stdout      # the table is printed
-    assert "epoch 1/1: loss" in r.stderr
+    assert ("linear probe: L2" if variant == "linear-probe" else "epoch 1/1: loss") in r.stderr
 
 
 def test_cli_options_reach_the_config(store, tmp_path):
     out = tmp_path / "run"
-    r = invoke(*_train_args(store, out, "--method", "linear-probe", "--balanced", "--no-flip", "--erasing", 0.2,
+    r = invoke(*_train_args(store, out, "--method", "linear-head", "--balanced", "--no-flip", "--erasing", 0.2,
                             "--lambda", 2.5, "--beta", 1, "--gamma", 0.8, "--lr", 0.01, "--weight-decay", 0,
                             "--seed", 7, "--drop-mode", "batch", "--noise-std", 0.1, "--mask-map", "linear",
                             "--val-split", "test", "--workers", 1))
@@ -121,7 +122,7 @@ def test_cli_options_reach_the_config(store, tmp_path):
 @pytest.fixture
 def two_runs(store, fx_base):
     a = mf.trained_run(fx_base, store, "cli-cafe", method="cafe", lr=5e-3)
-    b = mf.trained_run(fx_base, store, "cli-probe", method="linear-probe", lr=5e-2, epochs=2)
+    b = mf.trained_run(fx_base, store, "cli-probe", method="linear-head", lr=5e-2, epochs=2)
     return a, b
 
 
@@ -131,7 +132,7 @@ def test_cli_eval_tables_json_and_files(store, two_runs, tmp_path):
     assert r.exit_code == 0, r.output
     assert "accuracy (%):" in r.stdout and "mean class accuracy (%):" in r.stdout
     assert "| run | domA:test | domB:test | mean |" in r.stdout
-    assert "| domA / cafe |" in r.stdout and "| domA / linear-probe |" in r.stdout
+    assert "| domA / cafe |" in r.stdout and "| domA / linear-head |" in r.stdout
     err = re.sub(r"\s+", " ", r.stderr)                        # rich wraps log lines at 80 columns off a tty
     assert "domB:test: accuracy" in err and "(absent classes: neutral)" in err
 
@@ -139,7 +140,7 @@ def test_cli_eval_tables_json_and_files(store, two_runs, tmp_path):
     r = invoke("eval", "--run", a, "--run", b, "--test", "domA:test,domB", "--device", "cpu", "--json", "--out", prefix)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)                                  # stdout is pure JSON
-    assert [x["label"] for x in res] == ["domA / cafe", "domA / linear-probe"]
+    assert [x["label"] for x in res] == ["domA / cafe", "domA / linear-head"]
     for x in res:
         for name in ("domA:test", "domB:test"):
             m = x["tests"][name]
@@ -210,8 +211,8 @@ def test_cli_errors(store, tmp_path, fx_base, tiny_clip_dir):
     torch.save({"nothing.like.resnet": torch.zeros(1)}, weights)
     _assert_clean_error(invoke(*_train_args(store, tmp_path / "a", "--pretrained", weights)), "no key matches")
     run = tmp_path / "run"
-    assert invoke(*_train_args(store, run, "--method", "linear-probe")).exit_code == 0
-    _assert_clean_error(invoke(*_train_args(store, run, "--method", "linear-probe", "--seed", 1)),
+    assert invoke(*_train_args(store, run, "--method", "linear-head")).exit_code == 0
+    _assert_clean_error(invoke(*_train_args(store, run, "--method", "linear-head", "--seed", 1)),
                         "differs in: seed", "Use a new --out")
     _assert_clean_error(invoke("eval", "--run", tmp_path, "--test", "domA", "--cache", store),
                         "not a maskfer run directory")
@@ -226,7 +227,7 @@ def test_cli_ctrl_c_says_how_to_resume(store, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "epoch_order", interrupted)
-    r = invoke(*_train_args(store, tmp_path / "run", "--method", "linear-probe"))
+    r = invoke(*_train_args(store, tmp_path / "run", "--method", "linear-head"))
     assert r.exit_code == 130 and "rerun to resume" in r.stderr
 
 

@@ -22,7 +22,7 @@ def _train(cfg, out):
 
 @pytest.fixture
 def probe_run(store, fx_base):
-    return mf.trained_run(fx_base, store, "errors-probe", method="linear-probe", epochs=1)
+    return mf.trained_run(fx_base, store, "errors-probe", method="linear-head", epochs=1)
 
 
 @pytest.fixture
@@ -66,8 +66,8 @@ def test_several_encoders_and_no_encoder_option(store, tmp_path, fx_base, tiny_c
     two = mf.copy_store(store, tmp_path / "two.h5")
     mf.build(two, "domA", fx_base / "domA", tiny_clip_dir, ("train", "test"), encoder_key="tiny-clip-b")
     with pytest.raises(TrainError, match=r"has 2 encoders \(tiny-clip, tiny-clip-b\); pick one with --encoder KEY"):
-        _train(mf.small_cfg(two, method="linear-probe"), tmp_path / "run")
-    tr = Trainer(mf.small_cfg(two, method="linear-probe", encoder="tiny-clip-b"), tmp_path / "run2", progress=False)
+        _train(mf.small_cfg(two, method="linear-head"), tmp_path / "run")
+    tr = Trainer(mf.small_cfg(two, method="linear-head", encoder="tiny-clip-b"), tmp_path / "run2", progress=False)
     assert tr.enc_info["key"] == "tiny-clip-b"
 
 
@@ -83,7 +83,7 @@ def test_empty_split(store, tmp_path):
         eg.attrs["dim"], eg.attrs["fingerprint"] = 16, "0" * 16
         eg.create_dataset("features", shape=(0, 2, 16), dtype=np.float32)
     with pytest.raises(TrainError, match=r"split nothing:all in .* is empty .*pick another split with nothing:SPLIT"):
-        _train(mf.small_cfg(bad, train="nothing:all", method="linear-probe"), tmp_path / "run")
+        _train(mf.small_cfg(bad, train="nothing:all", method="linear-head"), tmp_path / "run")
 
 
 # ---------------------------------------------------------------- damaged stores
@@ -101,7 +101,7 @@ def test_nan_features(store, tmp_path, probe_run):
     mf.edit_store(bad, "domA", poison)
     with pytest.raises(TrainError, match=r"1 feature rows of domA:train \(encoder tiny-clip\) contain NaN/inf, first id "
                                          r"'train/anger/train_anger_000.png'; run `featcache verify"):
-        _train(mf.small_cfg(bad, method="linear-probe"), tmp_path / "run")
+        _train(mf.small_cfg(bad, method="linear-head"), tmp_path / "run")
     with pytest.raises(EvalError, match=r"domA:test .* contain NaN/inf.*rebuild that dataset"):
         evaluate_run(probe_run, str(bad), ["domA:test"], device="cpu", log=mf.quiet)
 
@@ -111,13 +111,13 @@ def test_labels_outside_the_classes(store, tmp_path):
     mf.edit_store(bad, "domA", lambda g: g["labels"].__setitem__(_first_row(g, "train"), 9))
     with pytest.raises(TrainError, match=r"1 label\(s\) of domA:train .* outside the classes 0\.\.6 .*label 9.*"
                                          r"rebuild dataset 'domA' with `featcache build`"):
-        _train(mf.small_cfg(bad, method="linear-probe"), tmp_path / "run")
+        _train(mf.small_cfg(bad, method="linear-head"), tmp_path / "run")
 
 
 # ---------------------------------------------------------------- runs and checkpoints that do not fit
 def test_run_directory_from_another_config(store, tmp_path):
     run = tmp_path / "run"
-    _train(mf.small_cfg(store, method="linear-probe"), run)
+    _train(mf.small_cfg(store, method="linear-head"), run)
     with pytest.raises(TrainError, match=r"another configuration \(differs in: method, train\)\. Use a new --out, "
                                          r"or delete that directory"):
         _train(mf.small_cfg(store, method="cafe", train="domB"), run)
@@ -130,7 +130,7 @@ def test_resume_against_features_of_another_encoder(probe_run, other_clip_store,
     shutil.copytree(probe_run, run)
     # --cache may change on resume (it is not part of the config identity), but not the features behind it
     with pytest.raises(TrainError, match=r"differs in: encoder features \(fingerprint [0-9a-f]{16} there"):
-        _train(mf.small_cfg(other_clip_store, method="linear-probe"), run)
+        _train(mf.small_cfg(other_clip_store, method="linear-head"), run)
 
 
 def test_eval_on_features_of_another_dimension(probe_run, other_clip_store):
@@ -171,7 +171,7 @@ def test_pretrained_file_that_does_not_fit(store, tmp_path, weights, match):
 
 
 def test_invalid_options():
-    with pytest.raises(ConfigError, match="--method must be one of cafe, baseline, linear-probe, not 'mask'"):
+    with pytest.raises(ConfigError, match="--method must be one of cafe, baseline, linear-probe, linear-head, not 'mask'"):
         TrainConfig(train="x", method="mask").validate()
     with pytest.raises(ConfigError, match="--backbone must be one of .*resnet18.*, not 'resnet19'"):
         TrainConfig(train="x", backbone="resnet19").validate()
@@ -184,5 +184,5 @@ def test_invalid_options():
 
 
 def test_online_encoder_needs_features(store, tmp_path):
-    with pytest.raises(ConfigError, match="--online-encoder needs features: use it with --method cafe or linear-probe"):
+    with pytest.raises(ConfigError, match="--online-encoder recomputes features for an epoch loop: use it with --method cafe or linear-head"):
         _train(mf.small_cfg(store, method="baseline", online_encoder=True), tmp_path / "run")

@@ -45,7 +45,7 @@ def _models(kind, seeds, sigmoids=None, feat_dim=16, mask_map="auto", dtype=torc
     out = []
     for i, seed in enumerate(seeds):
         torch.manual_seed(seed)
-        if kind == "linear-probe":
+        if kind == "linear-head":
             m = LinearProbe(feat_dim)
         elif kind.startswith("baseline-"):
             m = BaselineModel(kind.split("-", 1)[1])
@@ -58,7 +58,7 @@ def _models(kind, seeds, sigmoids=None, feat_dim=16, mask_map="auto", dtype=torc
 # ------------------------------------------------------------------ the fused model
 @pytest.mark.parametrize("kind,mask_map,layout", [
     ("resnet18", "auto", "grouped"), ("mobilenet_v2", "auto", "grouped"), ("resnet18", "linear", "grouped"),
-    ("baseline-mobilenet_v2", "auto", "grouped"), ("linear-probe", "auto", "grouped"),
+    ("baseline-mobilenet_v2", "auto", "grouped"), ("linear-head", "auto", "grouped"),
     ("resnet18", "auto", "loop"), ("mobilenet_v2", "linear", "loop")])
 def test_stacked_forward_and_bn_stats_equal_separate_models(kind, mask_map, layout):
     models = _models(kind, [0, 1, 2], [True, False, True], mask_map=mask_map)
@@ -255,7 +255,7 @@ def _same_checkpoints(a, b, exact=True):
 
 
 @pytest.mark.parametrize("kw,layout", [(dict(lam=0.7, beta=0.3), "loop"), (dict(lam=0.7, beta=0.3), "grouped"),
-                                       (dict(method="linear-probe"), "auto"),
+                                       (dict(method="linear-head"), "auto"),
                                        (dict(method="baseline", backbone="mobilenet_v2"), "auto"),
                                        (dict(sigmoid=False, drop_mode="batch", balanced=True), "auto")])
 def test_one_model_group_reproduces_the_sequential_trainer(store, tmp_path, kw, layout):

@@ -21,7 +21,7 @@ from maskfer.train import Trainer, TrainError, build_model, epoch_order, train
 VARIANTS = {
     "cafe": dict(method="cafe"),
     "baseline": dict(method="baseline"),
-    "linear-probe": dict(method="linear-probe"),
+    "linear-head": dict(method="linear-head"),
     "no-sigmoid": dict(method="cafe", sigmoid=False),
     "no-separation": dict(method="cafe", separation=False),
     "no-diverse": dict(method="cafe", diverse=False),
@@ -74,7 +74,7 @@ def test_every_method_and_ablation_writes_the_run_dir(store, tmp_path, variant):
     assert not list(run.glob("*.tmp-*"))
 
 
-@pytest.mark.parametrize("method,lr,least", [("cafe", 1e-2, 0.35), ("linear-probe", 5e-2, 0.6)])
+@pytest.mark.parametrize("method,lr,least", [("cafe", 1e-2, 0.35), ("linear-head", 5e-2, 0.6)])
 def test_training_accuracy_rises_above_chance(store, tmp_path, method, lr, least):
     # domA: 7 classes x 6 images, each class its own colour and stripes; chance is 1/7 = 0.14.
     # (seeds 0-3 end at 0.64/0.86/0.86/0.38 for cafe and 1.0/0.95/0.95/1.0 for the probe here)
@@ -111,7 +111,7 @@ def test_optimizer_is_adam_and_lr_decays_once_per_epoch(store, tmp_path, monkeyp
     monkeypatch.setattr(torch.optim.lr_scheduler, "ExponentialLR", SpySched)
     d = TrainConfig()
     # paper lr / weight decay / gamma; 42 images in batches of 16 = 3 steps per epoch
-    cfg = mf.small_cfg(store, method="linear-probe", epochs=3, lr=d.lr, weight_decay=d.weight_decay, gamma=d.gamma)
+    cfg = mf.small_cfg(store, method="linear-head", epochs=3, lr=d.lr, weight_decay=d.weight_decay, gamma=d.gamma)
     train(cfg, tmp_path / "run", progress=False, log=mf.quiet)
     assert made["adam"] == {"lr": 2e-4, "weight_decay": 1e-4}
     assert made["sched"] == {"gamma": 0.9}
@@ -157,7 +157,7 @@ def test_flipped_view_is_used_exactly_when_the_image_is_flipped(store):
 
 
 def test_linear_probe_flip_picks_the_flipped_view(store):
-    cfg = mf.small_cfg(store, method="linear-probe")
+    cfg = mf.small_cfg(store, method="linear-head")
     tr = Trainer(cfg, Path("unused"), progress=False, log=mf.quiet)
     data = tr.train_data
     assert data.bank is None                                  # no images needed
@@ -257,7 +257,7 @@ def test_interrupt_inside_the_checkpoint_write_leaves_the_previous_one(store, tm
 
     monkeypatch.setattr(rundir, "save_file", half_written)
     with pytest.raises(KeyboardInterrupt):
-        train(mf.small_cfg(store, train="domB", method="linear-probe", epochs=3), run, progress=False, log=mf.quiet)
+        train(mf.small_cfg(store, train="domB", method="linear-head", epochs=3), run, progress=False, log=mf.quiet)
     model_sd, opt_sd, meta = rundir.load_checkpoint(run / rundir.LAST)
     assert meta["epoch"] == 0 and opt_sd is not None and "fc.weight" in model_sd
     assert not list(run.glob("*.tmp-*"))                      # no half-written file left behind
@@ -265,13 +265,13 @@ def test_interrupt_inside_the_checkpoint_write_leaves_the_previous_one(store, tm
 
 def test_run_dir_of_another_config_names_the_differing_options(store, tmp_path):
     run = tmp_path / "run"
-    train(mf.small_cfg(store, method="linear-probe"), run, progress=False, log=mf.quiet)
+    train(mf.small_cfg(store, method="linear-head"), run, progress=False, log=mf.quiet)
     before = (run / rundir.LAST).read_bytes()
     with pytest.raises(TrainError, match=r"differs in: lr, seed\)\. Use a new --out"):
-        train(mf.small_cfg(store, method="linear-probe", lr=1e-3, seed=3), run, progress=False, log=mf.quiet)
+        train(mf.small_cfg(store, method="linear-head", lr=1e-3, seed=3), run, progress=False, log=mf.quiet)
     assert (run / rundir.LAST).read_bytes() == before        # nothing touched
     # options that do not change what is trained (test sets, device, workers) may differ: it just resumes
-    train(mf.small_cfg(store, method="linear-probe", test=["domA:test"], workers=1), run, progress=False,
+    train(mf.small_cfg(store, method="linear-head", test=["domA:test"], workers=1), run, progress=False,
           log=mf.quiet)
 
 
@@ -299,7 +299,7 @@ def test_balanced_option_reaches_the_sampler(store, tmp_path, monkeypatch):
     real = train_mod.epoch_order
     monkeypatch.setattr(train_mod, "epoch_order", lambda labels, balanced, gen: seen.append(balanced) or
                         real(labels, balanced, gen))
-    train(mf.small_cfg(store, method="linear-probe", epochs=2, balanced=True), tmp_path / "run", progress=False,
+    train(mf.small_cfg(store, method="linear-head", epochs=2, balanced=True), tmp_path / "run", progress=False,
           log=mf.quiet)
     assert seen == [True, True]
 
@@ -343,7 +343,7 @@ def test_online_features_match_cached_on_unaugmented_inputs(online_store):
     assert other.mean() < cos.min()
 
 
-@pytest.mark.parametrize("method", ["cafe", "linear-probe"])
+@pytest.mark.parametrize("method", ["cafe", "linear-head"])
 def test_online_encoder_trains(online_store, tmp_path, monkeypatch, method):
     from maskfer.online import OnlineEncoder
 

@@ -118,7 +118,8 @@ def _vision_config(spec: str, src: str):
     """
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(src)
+    # trust_remote_code=False, never None: None makes transformers PROMPT on a terminal to run a repo's own code.
+    cfg = AutoConfig.from_pretrained(src, trust_remote_code=False)
     if cfg.model_type == "clip":
         vcfg = cfg.vision_config
         vcfg.projection_dim = cfg.projection_dim
@@ -136,10 +137,10 @@ def _load_processor(src: str):
     # transformers 5 picks the torchvision-backed processor by default; torchvision is not usable here.
     if int(transformers.__version__.split(".")[0]) >= 5:
         try:
-            return AutoImageProcessor.from_pretrained(src, backend="pil")
+            return AutoImageProcessor.from_pretrained(src, backend="pil", trust_remote_code=False)
         except TypeError:
             pass
-    return AutoImageProcessor.from_pretrained(src, use_fast=False)
+    return AutoImageProcessor.from_pretrained(src, use_fast=False, trust_remote_code=False)
 
 
 def _is_offline_error(e: OSError) -> bool:

@@ -13,7 +13,8 @@ import re
 import torch
 from PIL import Image
 
-from featcache.encoders.registry import Encoder, EncoderError, freeze, json_clean, sha256_state_dict
+from featcache.encoders.registry import (Encoder, EncoderError, UntrustedSpecError, freeze, json_clean,
+                                          sha256_state_dict)
 
 ENTRY_POINT_GROUP = "featcache.encoders"
 # "pkg.mod:factory" or "pkg.mod:Class.method"; the strict pattern keeps "C:\\models\\clip" a path.
@@ -40,6 +41,27 @@ def find_entry_point(name: str):
 def _entry_points():
     # Separate function so tests can stand in a fake entry point without installing a distribution.
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+TRUST_HINT = "pass --trust-plugins (trust_plugins=True in Python) to allow it, if you trust whoever wrote that file"
+
+
+def refuse_untrusted(spec: str, source: str | None) -> None:
+    """Raise UntrustedSpecError if ``spec`` would import code; import nothing to find out.
+
+    Entry points are matched by name from the installed distributions' metadata, never loaded.
+    """
+    if is_plugin_spec(spec):
+        mod_name, attr = spec.split(":", 1)
+        what = f"the encoder plug-in {spec!r}, which would import module {mod_name!r} and call {attr!r}"
+    else:
+        ep = next((e for e in _entry_points() if e.name == spec), None)
+        if ep is None:
+            return
+        what = (f"the encoder {spec!r}, an installed {ENTRY_POINT_GROUP!r} entry point that would import and "
+                f"call {ep.value!r}")
+    raise UntrustedSpecError(f"{source or 'a stored encoder spec'} names {what}; not loaded, because a spec read "
+                             f"from a store or run directory may not run code: {TRUST_HINT}")
 
 
 def load_plugin(spec: str) -> Encoder:

@@ -16,11 +16,16 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Encoder", "EncoderError", "register_encoder", "list_encoders", "create_encoder", "fingerprint"]
+__all__ = ["Encoder", "EncoderError", "UntrustedSpecError", "register_encoder", "list_encoders", "create_encoder",
+           "fingerprint"]
 
 
 class EncoderError(RuntimeError):
     """An encoder spec could not be turned into a working encoder; the message says why."""
+
+
+class UntrustedSpecError(EncoderError):
+    """A spec read from a store or run directory names a plug-in (code to import); refused before importing it."""
 
 
 @dataclass
@@ -53,11 +58,21 @@ def list_encoders() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_encoder(spec: str | os.PathLike, device: str = "cpu") -> Encoder:
-    """Build the frozen encoder named by ``spec`` on ``device`` (module moved there, eval, no grads)."""
+def create_encoder(spec: str | os.PathLike, device: str = "cpu", *, trust_plugins: bool = True,
+                   source: str | None = None) -> Encoder:
+    """Build the frozen encoder named by ``spec`` on ``device`` (module moved there, eval, no grads).
+
+    ``trust_plugins=False`` is for specs read from a file someone else may have written (a store's
+    encoder metadata, a run's config.json): a plug-in spec ("module:factory" or an entry-point name)
+    then raises :class:`UntrustedSpecError` BEFORE anything is imported; ``source`` names that file
+    and field in the message. Registered names and Hugging Face ids / local directories are data and
+    load either way (transformers' ``trust_remote_code`` is always off).
+    """
     from featcache.encoders import plugin  # local: plugin imports this module
 
     spec = os.fspath(spec)
+    if not trust_plugins and spec not in _REGISTRY:
+        plugin.refuse_untrusted(spec, source)
     if spec in _REGISTRY:
         enc = plugin.check_encoder(_REGISTRY[spec](device=device), spec, f"registered encoder {spec!r}")
     elif plugin.is_plugin_spec(spec):

@@ -1,0 +1,45 @@
+"""Mean ± std over seeds of run directories named <group>-s<seed>, with training accuracy beside every result.
+
+    python experiments/summarize_runs.py runs/issue8/effnet/*-s[0-9]
+
+Prints one markdown row per group: final training accuracy, accuracy per test set (%), mean ± std
+(population std over the seeds present), and how many seeds were found.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def main(paths: list[str]) -> None:
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for p in map(Path, paths):
+        if (p / "results.json").exists():
+            groups[re.sub(r"-s\d+$", "", p.name)].append(p)
+    tests: list[str] = []
+    rows = []
+    for name, runs in groups.items():
+        acc, tr = defaultdict(list), []
+        for r in sorted(runs):
+            res = json.loads((r / "results.json").read_text())
+            for t, m in res["tests"].items():
+                acc[t].append(100 * m["accuracy"])
+                if t not in tests:
+                    tests.append(t)
+            metrics = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            tr.append(100 * metrics[-1]["train_acc"])
+        rows.append((name, tr, acc, len(runs)))
+    fmt = lambda v: f"{np.mean(v):.1f} ± {np.std(v):.1f}" if v else "–"  # noqa: E731
+    print("| run | train acc | " + " | ".join(tests) + " | seeds |")
+    print("|---|---|" + "---|" * len(tests) + "---|")
+    for name, tr, acc, n in rows:
+        print(f"| {name} | {fmt(tr)} | " + " | ".join(fmt(acc.get(t, [])) for t in tests) + f" | {n} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

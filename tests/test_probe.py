@@ -1,0 +1,122 @@
+"""The converged linear probe (maskfer.probe): CLIP's protocol, checked against independent solutions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import maskfer_fixtures as mf
+from maskfer import rundir
+from maskfer.evaluate import load_run
+from maskfer.probe import fit_logreg, fit_probe, standardizer
+from maskfer.train import train
+from maskfer_fixtures import fx_base, store  # noqa: F401 - pytest fixtures
+
+
+def _blobs(n=300, c=20, k=4, seed=0, scale=50.0, offset=30.0):
+    """k Gaussian classes in c channels, badly scaled (large offset and spread) as raw encoder features are."""
+    g = np.random.default_rng(seed)
+    centers = g.normal(0, 1.0, (k, c))
+    y = g.integers(0, k, n)
+    x = centers[y] + g.normal(0, 1.0, (n, c))
+    x = x * scale * g.uniform(0.1, 1.0, c) + offset
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def test_fit_is_the_minimum_of_the_regularised_objective():
+    x, y = _blobs()
+    mean, std = standardizer(x.double())
+    z = (x.double() - mean) / std
+    lam = 1e-2
+    w, b, iters, converged = fit_logreg(z, y, lam, 4)
+    assert converged and iters > 0
+
+    def objective(w_, b_):
+        return float(F.cross_entropy(z @ w_.T + b_, y) + 0.5 * lam * (w_ * w_).sum())
+
+    # the gradient vanishes ...
+    wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    loss = F.cross_entropy(z @ wg.T + bg, y) + 0.5 * lam * (wg * wg).sum()
+    loss.backward()
+    assert float(wg.grad.abs().max()) < 1e-4 and float(bg.grad.abs().max()) < 1e-4
+    # ... and no perturbation lowers the (strictly convex) objective
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        dw, db = torch.randn(w.shape, generator=g, dtype=w.dtype), torch.randn(b.shape, generator=g, dtype=b.dtype)
+        assert objective(w + 1e-3 * dw, b + 1e-3 * db) >= objective(w, b) - 1e-12
+
+
+def test_standardization_is_folded_into_raw_weights_and_matches_sklearn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = _blobs(seed=1)
+    views = torch.stack([x, x + 0.01], dim=1)          # (n, 2, C): both views are training rows
+    fit = fit_probe(views, y, x[:50], y[:50], num_classes=4, lambdas=(1e-2,), refine=())
+    # the folded raw-space probe gives the same logits as the standardized one
+    rows, labels = views.reshape(-1, x.shape[1]).double(), y.repeat_interleave(2)
+    mean, std = standardizer(rows)
+    z = (rows - mean) / std
+    w, b, _, _ = fit_logreg(z, labels, 1e-2, 4)
+    np.testing.assert_allclose((rows.float() @ fit.weight.T + fit.bias).numpy(), (z @ w.T + b).float().numpy(),
+                               rtol=1e-3, atol=1e-3)
+    # sklearn's multinomial logistic regression on the same rows: C = 1 / (lam * n) for a mean-CE objective
+    ref = sklearn.LogisticRegression(C=1.0 / (1e-2 * len(labels)), max_iter=5000, tol=1e-10)
+    ref.fit(z.numpy(), labels.numpy())
+    assert (ref.predict(z.numpy()) == (z @ w.T + b).argmax(1).numpy()).mean() > 0.99
+    np.testing.assert_allclose(ref.predict_proba(z.numpy()), torch.softmax(z @ w.T + b, 1).numpy(), atol=5e-3)
+
+
+def test_l2_strength_is_chosen_on_the_selection_data():
+    x, y = _blobs(n=400, seed=2)
+    views = x[:300, None]
+    fit = fit_probe(views, y[:300], x[300:], y[300:], num_classes=4, lambdas=(1e-4, 1e-2, 1.0))
+    lams = [p["lam"] for p in fit.curve]
+    assert lams[:3] == [1.0, 1e-2, 1e-4]                      # the decade grid, strong to weak, then refinement
+    assert len(lams) == len(set(lams)) and 3 < len(lams) <= 7
+    best = max(fit.curve, key=lambda p: (p["val_acc"], -p["val_loss"]))
+    assert fit.lam == best["lam"] and fit.val_acc == best["val_acc"]
+    coarse = max(fit.curve[:3], key=lambda p: (p["val_acc"], -p["val_loss"]))["lam"]
+    assert all(coarse / 10 ** 0.76 < lam < coarse * 10 ** 0.76 for lam in lams[3:])   # refined around the best
+    # a selection set whose labels contradict the training labels picks a different strength than the honest one
+    honest = fit_probe(views, y[:300], x[300:], y[300:], num_classes=4, lambdas=(1e3, 1e-3))
+    assert honest.lam < 1e-2
+    shifted = (y[300:] + 1) % 4          # every selection label wrong: the accurate probe scores ~0 there
+    wrong = fit_probe(views, y[:300], x[300:], shifted, num_classes=4, lambdas=(1e3, 1e-3))
+    assert wrong.lam > 1e2
+
+
+def test_accuracy_ties_are_broken_by_the_validation_loss(monkeypatch):
+    import maskfer.probe as probe
+
+    monkeypatch.setattr(probe, "_accuracy", lambda *a: 0.5)   # every strength ties on accuracy
+    x, y = _blobs(n=400, seed=3)
+    fit = fit_probe(x[:300, None], y[:300], x[300:], y[300:], num_classes=4, lambdas=(1e2, 1e-2))
+    assert fit.lam == min(fit.curve, key=lambda p: p["val_loss"])["lam"]
+    assert fit.curve[0]["val_loss"] > fit.curve[1]["val_loss"]   # the near-constant probe is not chosen on a tie
+
+
+def test_probe_run_converges_and_evaluates(store, tmp_path):
+    run = tmp_path / "probe"
+    summary = train(mf.small_cfg(store, method="linear-probe", epochs=7, test=["domA:test"]), run, progress=False,
+                    log=mf.quiet)
+    (row,) = rundir.read_metrics(run)
+    assert row["solver"] == "lbfgs" and row["probe_converged"] and row["selected_on"].startswith("domA:train[holdout")
+    assert row["train_acc"] == 1.0                           # domA's colours are linearly separable
+    assert len(row["probe_curve"]) >= 9 and row["epoch"] == 6
+    res = summary["results"]
+    assert res["epochs_trained"] == 7 and res["tests"]["domA:test"]["accuracy"] > 0.9
+    # rerunning finds the probe fitted and does nothing; the model is an ordinary linear layer on raw features
+    logs = []
+    train(mf.small_cfg(store, method="linear-probe", epochs=7), run, progress=False, log=logs.append)
+    assert len(rundir.read_metrics(run)) == 1 and any("resuming" in line for line in logs)
+    model, cfg, _ = load_run(run, torch.device("cpu"))
+    assert type(model).__name__ == "LinearProbe" and cfg.method == "linear-probe"
+
+
+def test_probe_beats_the_recipe_trained_head_on_badly_scaled_features(store, tmp_path):
+    """The reason for the protocol: Adam 2e-4 with ExponentialLR 0.9 leaves a head on raw features under-fit."""
+    probe = tmp_path / "probe"
+    head = tmp_path / "head"
+    train(mf.small_cfg(store, method="linear-probe"), probe, progress=False, log=mf.quiet)
+    train(mf.small_cfg(store, method="linear-head", epochs=3), head, progress=False, log=mf.quiet)
+    assert rundir.read_metrics(probe)[-1]["train_acc"] > rundir.read_metrics(head)[-1]["train_acc"]
