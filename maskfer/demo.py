@@ -123,8 +123,10 @@ def run_demo(out: Path, model: str = "openai/clip-vit-base-patch32", epochs: int
     results = []
     for method in ("linear-probe", "cafe"):
         cfg = TrainConfig(cache=str(store), train="demo-a", test=["demo-a", "demo-b"], method=method,
-                          epochs=epochs, image_size=image_size, drop=drop_for(dim), lr=1e-3 if method == "linear-probe" else 2e-4)
-        log(f"maskfer: training {method} on demo-a ({epochs} epochs, {image_size}px, drop {cfg.drop})")
+                          epochs=epochs, image_size=image_size, drop=drop_for(dim))
+        log(f"maskfer: training {method} on demo-a "
+            + ("(L-BFGS to convergence)" if method == "linear-probe" else
+               f"({epochs} epochs, {image_size}px, drop {cfg.drop})"))
         summary = train(cfg, out / "runs" / method, progress=progress, log=log)
         summary["results"]["label"] += "" if real else " [tiny random CLIP]"
         results.append(summary["results"])

@@ -154,6 +154,8 @@ def run_label(cfg: TrainConfig) -> str:
     tags = []
     if cfg.method == "cafe":
         tags += [t for t, on in (("no-sigmoid", cfg.sigmoid), ("no-sep", cfg.separation), ("no-div", cfg.diverse)) if not on]
+    if cfg.feature_norm != "none" and cfg.method != "baseline":  # baseline uses no features
+        tags.append(f"feature-norm {cfg.feature_norm}")
     return f"{cfg.train} / {cfg.method}" + (f" ({', '.join(tags)})" if tags else "")
 
 

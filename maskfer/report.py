@@ -280,7 +280,13 @@ def run_page(run: Path, out: Path, *, baseline=None, test=None, max_points=2000,
     # -- config summary
     page.heading(2, "Run and configuration", "config")
     n_done, n_planned = len(metrics), int(cfg.get("epochs", 0) or 0)
-    if not metrics:
+    # --method linear-probe: one L-BFGS solve, one metrics row that stands for every epoch (maskfer.probe)
+    probe = next((r for r in metrics if r.get("solver") == "lbfgs"), None)
+    if probe is not None:
+        n_done = int(probe.get("epoch", n_planned - 1)) + 1  # what its checkpoint (and results.json) count
+        status = (f"finished: linear probe fit by L-BFGS, L2 {fmt_num(probe.get('probe_lambda'))} chosen on "
+                  f"{probe.get('selected_on')}" + ("" if probe.get("probe_converged") else " (NOT converged)"))
+    elif not metrics:
         status = f"not started: no epoch finished yet (0 of {n_planned})"
     elif n_done < n_planned:
         status = f"training: {n_done} of {n_planned} epochs finished (curves so far)"
@@ -301,7 +307,12 @@ def run_page(run: Path, out: Path, *, baseline=None, test=None, max_points=2000,
 
     # -- training curves
     page.heading(2, "Training curves", "curves")
-    if metrics:
+    if probe is not None:
+        page.para("A converged linear probe has no training curve: one full-batch L-BFGS solve per L2 strength "
+                  f"(maskfer.probe), chosen by accuracy on {probe.get('selected_on')} (★), then refit with it. "
+                  "--epochs and the optimizer options do not apply.")
+        page.raw(_probe_table(probe))
+    elif metrics:
         training_curves(metrics, cfg, out / "curves.png")
         cap = ("Training curves from metrics.jsonl, one point per finished epoch. Left: training loss, the total "
                f"CE + λ·sep + β·div (λ = {fmt_num(cfg.get('lam'))}, β = {fmt_num(cfg.get('beta'))}) and its unweighted "
@@ -374,6 +385,17 @@ def _metrics_table(metrics: list[dict]) -> str:
 
     rows = [[str(int(r.get("epoch", i)) + 1)] + [cell(r, k, f) for k, _, f in cols] for i, r in enumerate(metrics)]
     return '<div class="scroll">' + _table(["epoch"] + [c[1] for c in cols], rows, "metrics-table") + "</div>"
+
+
+def _probe_table(row: dict) -> str:
+    """The L2 strengths a linear probe tried (its metrics row's probe_curve), in the order tried."""
+    head = ["L2 strength", "val acc %", "val loss", "train acc %", "L-BFGS iterations", "converged"]
+    rows = [[("★ " if p.get("lam") == row.get("probe_lambda") else "") + fmt_num(p.get("lam")), pct(p.get("val_acc")),
+             "–" if p.get("val_loss") is None else f"{p['val_loss']:.4f}", pct(p.get("train_acc")),
+             str(p.get("iterations", "–")), fmt_num(p.get("converged"))] for p in row.get("probe_curve") or []]
+    rows.append(["refit " + fmt_num(row.get("probe_lambda")), "–", "–", pct(row.get("train_acc")),
+                 str(row.get("probe_iterations", "–")), fmt_num(row.get("probe_converged"))])
+    return '<div class="scroll">' + _table(head, rows, "probe-curve") + "</div>"
 
 
 def _overview_table(results: dict) -> str:

@@ -323,8 +323,9 @@ def check_data(points) -> None:
 def _finished(run: Path, cfg: TrainConfig) -> bool:
     """Trained to the last epoch (the test results are checked separately: :func:`_has_results`)."""
     rows = rundir.read_metrics(run)
-    if cfg.method == "linear-probe":  # one solve, one metrics row (maskfer.probe)
-        return bool(rows) and (run / rundir.LAST).exists()
+    if cfg.method == "linear-probe":  # one solve, one metrics row (maskfer.probe); an older epoch-trained
+        # 'linear-probe' run is not a fitted probe (the Trainer refuses to count it as one)
+        return bool(rows) and rows[-1].get("solver") == "lbfgs" and (run / rundir.LAST).exists()
     return len(rows) >= cfg.epochs and (run / rundir.LAST).exists()
 
 

@@ -276,14 +276,20 @@ class Trainer:
         from maskfer.probe import fit_probe
 
         cfg, out = self.cfg, self.out
+        if done and not any(r.get("solver") == "lbfgs" for r in rundir.read_metrics(out)):
+            # method 'linear-probe' named the epoch-trained FC before the converged probe existed
+            raise TrainError(f"run directory {out} holds an epoch-trained linear head (what --method linear-probe "
+                             "trained before it became the converged L-BFGS probe; now --method linear-head), not "
+                             "a fitted probe. Use a new --out, or delete that directory to fit the probe")
         if not done:
             train, select, refit = self.train_data, self.val_data, None
             if select is None:  # no validation data given: choose the L2 strength on a holdout, refit on all
                 train, select = holdout_split(self.train_data, PROBE_HOLDOUT)
                 refit = self.train_data
             t0 = time.perf_counter()
-            fit = fit_probe(train.feats, train.labels, select.feats[:, 0], select.labels,
-                            refit.feats if refit else None, refit.labels if refit else None, NUM_CLASSES,
+            views = slice(None) if cfg.flip else slice(0, 1)  # --no-flip: the original view only
+            fit = fit_probe(train.feats[:, views], train.labels, select.feats[:, 0], select.labels,
+                            refit.feats[:, views] if refit else None, refit.labels if refit else None, NUM_CLASSES,
                             log=self.log if self.progress else None)
             w, b = fit.weight, fit.bias                  # on raw features
             if model.feat_norm.enabled:                  # the model standardizes first: x = std * z + mean
@@ -300,7 +306,7 @@ class Trainer:
                                    {"epoch": cfg.epochs - 1, "config_hash": cfg.identity_hash(),
                                     "scheduler": sched.state_dict(), "feat_dim": self.feat_dim, "metrics": [row]})
             rundir.append_metrics(out, row)
-            self.log(f"linear probe: L2 {fit.lam:.0e} chosen on {select.name} (val acc {fit.val_acc:.4f}), "
+            self.log(f"linear probe: L2 {fit.lam:.3g} chosen on {select.name} (val acc {fit.val_acc:.4f}), "
                      f"train acc {fit.train_acc:.4f}, {fit.iterations} L-BFGS iterations"
                      + ("" if fit.converged else " (NOT converged)"))
         self.model = model

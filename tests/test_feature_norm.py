@@ -86,3 +86,14 @@ def test_a_parallel_group_of_one_equals_the_sequential_run_with_feature_norm(sto
 def test_feature_norm_module_identity_when_off():
     f = torch.randn(3, 4)
     assert FeatureNorm(4, False)(f) is f
+
+
+def test_eval_tables_tell_standardized_runs_from_raw_ones():
+    from maskfer.evaluate import run_label
+
+    store = "features.h5"  # only named in the configs
+    for method in ("cafe", "linear-head", "linear-probe"):
+        raw, std = (run_label(mf.small_cfg(store, method=method, feature_norm=n)) for n in ("none", "standardize"))
+        assert raw == f"domA / {method}" and std == f"domA / {method} (feature-norm standardize)"
+    assert run_label(mf.small_cfg(store, method="cafe", sigmoid=False, feature_norm="standardize")) == \
+        "domA / cafe (no-sigmoid, feature-norm standardize)"

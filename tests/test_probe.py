@@ -120,3 +120,52 @@ def test_probe_beats_the_recipe_trained_head_on_badly_scaled_features(store, tmp
     train(mf.small_cfg(store, method="linear-probe"), probe, progress=False, log=mf.quiet)
     train(mf.small_cfg(store, method="linear-head", epochs=3), head, progress=False, log=mf.quiet)
     assert rundir.read_metrics(probe)[-1]["train_acc"] > rundir.read_metrics(head)[-1]["train_acc"]
+
+
+def test_report_of_a_probe_run_says_finished_and_shows_its_validation_curve(store, tmp_path):
+    """Its one metrics row stands for every epoch: not 'training: 1 of 3 epochs', no stale-results note."""
+    pytest.importorskip("matplotlib")
+    from maskfer.report import write_report
+
+    run = tmp_path / "probe"
+    train(mf.small_cfg(store, method="linear-probe", epochs=3, test=["domA:test"]), run, progress=False, log=mf.quiet)
+    (row,) = rundir.read_metrics(run)
+    text = write_report(run, tmp_path / "rep", tsne=False, log=mf.quiet).read_text()
+    assert "finished: linear probe fit by L-BFGS" in text and "training: 1 of 3" not in text
+    assert "results.json was written after epoch" not in text and "still training" not in text
+    table = text.split('id="probe-curve"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 1 + len(row["probe_curve"]) + 1    # header, every strength tried, the refit
+    assert table.count("★") == 1 and not (tmp_path / "rep" / "curves.png").exists()
+
+
+def test_an_epoch_trained_linear_probe_run_from_before_is_not_taken_for_a_fitted_probe(store, tmp_path):
+    """Before the converged probe, --method linear-probe trained the FC by the epoch loop (now linear-head):
+    such a run directory must not count as a fitted probe (rerun, sweep) and silently keep its old weights."""
+    from maskfer.sweep import _finished
+    from maskfer.train import TrainError
+
+    run = tmp_path / "old"
+    train(mf.small_cfg(store, method="linear-head", epochs=2), run, progress=False, log=mf.quiet)
+    stored = rundir.read_json(run / rundir.CONFIG)
+    stored["config"]["method"] = "linear-probe"      # what the run directory of the old method looks like
+    rundir.write_json(run / rundir.CONFIG, stored)
+    cfg = mf.small_cfg(store, method="linear-probe", epochs=2)
+    assert not _finished(run, cfg)
+    with pytest.raises(TrainError, match="epoch-trained linear head"):
+        train(cfg, run, progress=False, log=mf.quiet)
+
+
+def test_no_flip_fits_the_probe_on_the_original_view_only(store, tmp_path, monkeypatch):
+    import maskfer.probe as probe
+
+    seen = []
+    real = probe.fit_probe
+
+    def spy(train_feats, *a, **k):
+        seen.append(train_feats.shape[1])
+        return real(train_feats, *a, **k)
+
+    monkeypatch.setattr(probe, "fit_probe", spy)
+    train(mf.small_cfg(store, method="linear-probe"), tmp_path / "a", progress=False, log=mf.quiet)
+    train(mf.small_cfg(store, method="linear-probe", flip=False), tmp_path / "b", progress=False, log=mf.quiet)
+    assert seen == [2, 1]
