@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from featcache.encoders import create_encoder
-from featcache.encoders.expression import _package_file
+from featcache.encoders.expression import _package_file, pyemotion_reference_network
 
 
 def images(root: Path, n: int) -> list[tuple[str, Image.Image]]:
@@ -70,15 +70,7 @@ def main():
     x = torch.stack([enc.preprocess(im) for _, im in items])
     with torch.no_grad():
         ours, ours_cls = enc.module(x).numpy(), enc.module.classify(x).numpy()
-    netfile = _package_file("pyemotion-fer2013", "PyEmotion", "networks.py", "")
-    spec = importlib.util.spec_from_file_location("pyemotion_networks", netfile)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    ref_net = mod.NetworkV2(in_c=1, nl=32, out_f=7)
-    ckpt = torch.load(_package_file("pyemotion-fer2013", "PyEmotion", "model/main_model.pkl", ""),
-                      map_location="cpu", weights_only=True)
-    ref_net.load_state_dict(ckpt["network"])
-    ref_net.eval()
+    ref_net = pyemotion_reference_network()
     # The package: gray = cv.cvtColor(BGR2GRAY); transforms ToPILImage -> Resize((48,48)) -> ToTensor ->
     # Normalize([0.5],[0.5]). torchvision's Resize on a PIL image is PIL resize(BILINEAR).
     xr = []

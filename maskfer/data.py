@@ -176,6 +176,13 @@ def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | 
     return RootBank(paths, boxes, image_size, workers)
 
 
+def resolve_split(ds: DatasetView, split: str) -> str:
+    """A dataset without splits (muxspace, CK+) is all test data: 'test' means 'all' there."""
+    if split == "test" and split not in ds.split_names() and ds.split_names() == ["all"]:
+        return "all"
+    return split
+
+
 def check_test_sets(store_path: str, specs: list[str], encoder_key: str, fingerprint: str | None, dim: int,
                     need_images: bool, root: str | None = None, trained: str = "the run") -> None:
     """What evaluating on ``specs`` needs, checked without reading features or images, so that a wrong
@@ -192,8 +199,7 @@ def check_test_sets(store_path: str, specs: list[str], encoder_key: str, fingerp
             name, split = split_spec(spec, "test")
             try:
                 ds = store.dataset(name)
-                if split not in ds.split_names() and ds.split_names() == ["all"] and split == "test":
-                    split = "all"  # as load_split: a dataset without splits is all test data
+                split = resolve_split(ds, split)
                 rows = ds.indices(split)
             except StoreError as e:
                 raise DataError(f"--test {spec}: {e}") from None
@@ -226,10 +232,7 @@ def load_split(store_path: str, spec: str, default_split: str, encoder: str | No
     name, split = split_spec(spec, default_split)
     store = open_store(store_path)
     ds = store.dataset(name)
-    if split not in ds.split_names() and split != "all":
-        # A dataset without splits (muxspace, CK+) is all test data: allow 'test' to mean 'all'.
-        if ds.split_names() == ["all"] and split == "test":
-            split = "all"
+    split = resolve_split(ds, split)
     try:
         rows = ds.indices(split)
     except StoreError as e:

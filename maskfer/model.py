@@ -46,9 +46,10 @@ class FeatureNorm(nn.Module):
 
 
 def feature_stats(feats: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over every row and view of (n, V, C) training features."""
+    """Per-channel mean and std over every row (and view) of (n, [V,] C) features, computed in float64 and
+    returned in the features' dtype."""
     x = feats.reshape(-1, feats.shape[-1]).double()
-    return x.mean(0).float(), x.std(0, unbiased=False).clamp_min(eps).float()
+    return x.mean(0).to(feats.dtype), x.std(0, unbiased=False).clamp_min(eps).to(feats.dtype)
 
 
 class MaskMapping(nn.Module):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from maskfer.model import feature_stats
+
 # L2 strengths tried (on the mean cross-entropy: loss = CE + lam/2 * ||W||^2); CLIP sweeps 1e-6..1e6
 # on its C = 1/lam; beyond 1e2 every probe here predicts the majority class.
 LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))
@@ -37,11 +39,6 @@ class ProbeFit:
     converged: bool
     val_acc: float | None = None      # of the chosen strength, on the selection data
     curve: list[dict] = field(default_factory=list)  # every strength tried: lam, val_acc, val_loss, train_acc, iterations
-
-
-def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    d = x.double()
-    return d.mean(0).to(x.dtype), d.std(0, unbiased=False).clamp_min(eps).to(x.dtype)
 
 
 def fit_logreg(z: torch.Tensor, y: torch.Tensor, lam: float, num_classes: int,
@@ -91,7 +88,7 @@ def fit_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, select_feat
     the same choice of strength, and the gradient tolerance (GRAD_TOL) is within float32's reach.
     """
     x, y = train_rows(train_feats.float().cpu(), train_labels.cpu())
-    mean, std = standardizer(x)
+    mean, std = feature_stats(x)
     z, zs = (x - mean) / std, (select_feats.float().cpu() - mean) / std
     ys = select_labels.cpu()
     curve, fits = [], {}
@@ -124,7 +121,7 @@ def fit_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, select_feat
     chosen = best()
     if refit_feats is not None:
         x, y = train_rows(refit_feats.float().cpu(), refit_labels.cpu())
-        mean, std = standardizer(x)
+        mean, std = feature_stats(x)
         z = (x - mean) / std
     w, b, iters, conv = fit_logreg(z, y, chosen["lam"], num_classes)
     train_acc = _accuracy(z, y, w, b)

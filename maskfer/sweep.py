@@ -219,12 +219,11 @@ def _rows_of(store, spec: str, default: str):
     """(dataset view, split, rows) of DATASET[:SPLIT] as maskfer.data.load_split resolves it, without reading
     features or images."""
     from maskfer.config import split_spec
-    from maskfer.data import DataError
+    from maskfer.data import DataError, resolve_split
 
     name, split = split_spec(spec, default)
     ds = store.dataset(name)
-    if split not in ds.split_names() and split != "all" and ds.split_names() == ["all"] and split == "test":
-        split = "all"
+    split = resolve_split(ds, split)
     rows = ds.indices(split)
     if rows.size == 0:
         raise DataError(f"split {name}:{split} in {store.path} is empty (dataset {name!r} has {len(ds)} rows)")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from featcache.encoders import EncoderError, create_encoder, fingerprint, list_encoders
-from featcache.encoders.expression import GrayPreprocess, _package_file, cv2_resize_linear
+from featcache.encoders.expression import GrayPreprocess, _package_file, cv2_resize_linear, pyemotion_reference_network
 from featcache.encoders.registry import sha256_files
 
 
@@ -119,22 +119,9 @@ def test_deterministic_and_picklable(request, fixture):
 
 
 # ------------------------------------------------------------------ known values: PyEmotion
-def _pyemotion_reference():
-    """The package's own NetworkV2, loaded from its file (the package __init__ needs torchvision/OpenCV)."""
-    spec = importlib.util.spec_from_file_location(
-        "pyemotion_networks_ref", _package_file("pyemotion-fer2013", "PyEmotion", "networks.py", ""))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    net = mod.NetworkV2(in_c=1, nl=32, out_f=7)
-    ckpt = torch.load(_package_file("pyemotion-fer2013", "PyEmotion", "model/main_model.pkl", ""),
-                      map_location="cpu", weights_only=True)
-    net.load_state_dict(ckpt["network"])
-    return net.eval()
-
-
 @needs_pyemotion
 def test_pyemotion_matches_package_forward(pyemotion):
-    ref = _pyemotion_reference()
+    ref = pyemotion_reference_network()
     imgs = [synthetic_rgb(), synthetic_rgb(48, 48), synthetic_rgb(97, 131)]
     # The package: gray = cv.cvtColor(BGR frame, BGR2GRAY); ToPILImage -> Resize((48, 48)) (PIL bilinear)
     # -> ToTensor -> Normalize([0.5], [0.5]).

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import maskfer_fixtures as mf
 from maskfer import rundir
 from maskfer.evaluate import load_run
-from maskfer.probe import fit_logreg, fit_probe, standardizer
+from maskfer.model import feature_stats
+from maskfer.probe import fit_logreg, fit_probe
 from maskfer.train import train
 from maskfer_fixtures import fx_base, store  # noqa: F401 - pytest fixtures
 
@@ -26,7 +27,7 @@ def _blobs(n=300, c=20, k=4, seed=0, scale=50.0, offset=30.0):
 
 def test_fit_is_the_minimum_of_the_regularised_objective():
     x, y = _blobs()
-    mean, std = standardizer(x.double())
+    mean, std = feature_stats(x.double())
     z = (x.double() - mean) / std
     lam = 1e-2
     w, b, iters, converged = fit_logreg(z, y, lam, 4)
@@ -54,7 +55,7 @@ def test_standardization_is_folded_into_raw_weights_and_matches_sklearn():
     fit = fit_probe(views, y, x[:50], y[:50], num_classes=4, lambdas=(1e-2,), refine=())
     # the folded raw-space probe gives the same logits as the standardized one
     rows, labels = views.reshape(-1, x.shape[1]).double(), y.repeat_interleave(2)
-    mean, std = standardizer(rows)
+    mean, std = feature_stats(rows)
     z = (rows - mean) / std
     w, b, _, _ = fit_logreg(z, labels, 1e-2, 4)
     np.testing.assert_allclose((rows.float() @ fit.weight.T + fit.bias).numpy(), (z @ w.T + b).float().numpy(),

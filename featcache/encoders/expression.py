@@ -376,3 +376,17 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def pyemotion_reference_network() -> torch.nn.Module:
+    """PyEmotion's own ``NetworkV2`` with its weights, loaded from the package's files (its ``__init__``
+    needs torchvision and OpenCV): the reference our module is checked against. Runs the package's code."""
+    spec = importlib.util.spec_from_file_location(
+        "pyemotion_networks_ref", _package_file("pyemotion-fer2013", "PyEmotion", "networks.py", PYEMOTION_PIP))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.NetworkV2(in_c=1, nl=32, out_f=7)
+    ckpt = torch.load(_package_file("pyemotion-fer2013", "PyEmotion", "model/main_model.pkl", PYEMOTION_PIP),
+                      map_location="cpu", weights_only=True)
+    net.load_state_dict(ckpt["network"])
+    return net.eval()
