@@ -13,9 +13,10 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-METHODS = ("cafe", "baseline", "linear-probe", "linear-head")
+from maskfer.methods import get_method, method_names
+
+METHODS = method_names()
 FEATURE_NORMS = ("none", "standardize")
-FEATURE_ONLY_METHODS = ("linear-probe", "linear-head")  # classify the cached features; no images
 
 
 class ConfigError(ValueError):
@@ -121,6 +122,11 @@ class TrainConfig:
         if not self.train:
             raise ConfigError("--train DATASET[:SPLIT] is required", field="train")
         return self
+
+    @property
+    def method_spec(self):
+        """The registered maskfer.methods.Method of ``method``."""
+        return get_method(self.method)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
