@@ -29,6 +29,7 @@ import featcache
 from featcache import store as st
 from featcache.devices import DeviceError, resolve_device
 from featcache.encoders import Encoder, create_encoder, fingerprint
+from featcache.errors import FerError
 from featcache.images import DEFAULT_MAX_PIXELS, ImageError, load_image, resize_uint8
 from featcache.journal import Journal, _fsync_dir, discard, pending_plans, store_lock
 from featcache.manifests import Item, list_items, load_manifest, manifest_record
@@ -41,7 +42,7 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 SHARD_BYTES = int(os.environ.get("FEATCACHE_SHARD_BYTES", 64 << 20))
 
 
-class BuildError(Exception):
+class BuildError(FerError):
     """A build that cannot go on; the message names the file or row and what to do."""
 
 
@@ -166,7 +167,7 @@ def _read_existing(out: Path, ds_name: str) -> _Existing:
     try:
         f = h5py.File(out, "r")
     except OSError as e:
-        raise BuildError(f"{out} exists but is not a readable HDF5 file ({e}); choose another --out") from e
+        raise BuildError(f"{out} exists but is not a readable HDF5 file ({e}); choose another --cache") from e
     with f:
         st.check_schema(f, out)
         if ds_name in f["datasets"]:
@@ -230,7 +231,7 @@ def _store_error_message(e: OSError, out: Path) -> str:
     cause += f" [{errno.errorcode[code]}]" if code in errno.errorcode else ""
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = ("the store's folder or file is read-only: make it writable (chmod u+w), "
-                  "or write the store elsewhere with --out")
+                  "or write the store elsewhere with --cache")
     elif code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         need = sum(p.stat().st_size for p in [out, *Path(str(out) + ".journal").glob("*/shard-*.npz")]
                    if p.exists())
@@ -358,7 +359,7 @@ def build_store(
                 raise BuildError(
                     f"dataset {ds_name!r} in {out} was built from a different manifest "
                     f"(sha256 {ex.manifest_sha} vs {manifest.sha256}: its params or labels differ). "
-                    f"Store this one side by side with --name {ds_name}-2, or use another --out."
+                    f"Store this one side by side with --name {ds_name}-2, or use another --cache."
                 )
             by_id = {it.id: it for it in listing.items}
             missing = [i for i in ex.dataset_rows if i not in by_id]

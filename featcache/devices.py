@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from featcache.errors import FerError
 
-class DeviceError(ValueError):
+
+class DeviceError(FerError, ValueError):  # ValueError: callers may catch a bad --device as one
     pass
 
 

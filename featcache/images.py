@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from featcache.errors import FerError
+
 
 # Decode limit: a 12000x12000 PNG needs ~2.4 GB to decode and convert, and a face dataset has no use for
 # such an image. Checked from the header, before any pixel is decoded (`featcache build --max-pixels`).
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
-class ImageError(Exception):
+class ImageError(FerError):
     """An image that cannot be decoded. Picklable (args are path, reason) for worker processes."""
 
     def __init__(self, path, reason: str):

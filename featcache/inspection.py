@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import torch
 
+from featcache.build import encode_views
+from featcache.encoders import UntrustedSpecError, create_encoder, fingerprint
+from featcache.images import ImageError, load_image
+from featcache.manifests import list_items, manifest_from_record
 from featcache.store import Store, bad_rows, checksums_of
 from featcache.taxonomy import CLASSES
 
@@ -78,7 +84,7 @@ def _checksums(check: str, d, ids) -> tuple[str, bool | None, str]:
     crc = checksums_of(d)
     if crc is None:
         return (check, None, f"not checked: {d.name} has no checksums (written by a featcache before "
-                             "per-row checksums); rebuild the store into a new --out to add them")
+                             "per-row checksums); rebuild the store into a new --cache to add them")
     if crc.shape != (d.shape[0],):
         return (check, False, f"{crc.name} has shape {crc.shape}, expected ({d.shape[0]},): the store is damaged")
     bad, errors = bad_rows(d, crc)
@@ -88,17 +94,10 @@ def _checksums(check: str, d, ids) -> tuple[str, bool | None, str]:
     more = f" and {bad.size - 5} more" if bad.size > 5 else ""
     return (check, False, f"{bad.size} of {d.shape[0]} rows of {d.name} do not match their CRC-32: rows {shown}{more}"
                           + (f"; {errors[0]}" if errors else "")
-                          + "; the file is damaged: restore it from a copy or rebuild this dataset into a new --out")
+                          + "; the file is damaged: restore it from a copy or rebuild this dataset into a new --cache")
 
 
 def _reencode(ds, key, info, sample, root, device, seed, atol, trust_plugins=False):
-    from pathlib import Path
-
-    from featcache.build import encode_views
-    from featcache.encoders import UntrustedSpecError, create_encoder, fingerprint
-    from featcache.images import ImageError, load_image
-    from featcache.manifests import list_items, manifest_from_record
-
     check = f"{ds.name}/{key}: {min(sample, len(ds))} re-encoded match"  # what is really re-encoded
     root = Path(root or ds.root)
     if not root.exists():
@@ -123,8 +122,6 @@ def _reencode(ds, key, info, sample, root, device, seed, atol, trust_plugins=Fal
         pix = [enc.preprocess(load_image(items[i].path, items[i].box)) for i in ds.ids[rows]]
     except (KeyError, ImageError) as e:
         return (check, False, f"sample image no longer readable: {e}")
-    import torch
-
     fresh = encode_views(enc, torch.stack(pix), torch.device(device))
     if info.get("compute_precision", "fp32") != "fp32":
         atol = max(atol, 2e-2)  # stored features came from a half-precision GPU pass

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.errors import FerError
 
-class LockedError(Exception):
-    pass
+
+class LockedError(FerError):
+    """Another process holds the store's write lock; the message names the lock file and its holder."""
 
 
 # Lock fds held by this process. A flock belongs to the open file description, which fork() shares

@@ -20,6 +20,7 @@ from typing import Literal
 
 import data_manifests
 from featcache import taxonomy
+from featcache.errors import FerError
 from featcache.layouts import LAYOUTS, REQUIRED, Layout, LayoutError, Row, broken_link
 
 BUILTIN_DIR = Path(data_manifests.__file__).parent
@@ -27,7 +28,7 @@ _TOP_KEYS = ("name", "kind", "description", "params", "labels")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-class ManifestError(Exception):
+class ManifestError(FerError):
     """A manifest or a dataset that cannot be listed; the message names the file (and row)."""
 
 

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from featcache.errors import FerError
+
 SCHEMA_NAME = "featcache"
 SCHEMA_VERSION = 1
 VIEWS = ("orig", "flip")
@@ -27,7 +29,7 @@ IMAGES_CRC = "images_crc32"       # images_crc32/<S> (n,) uint32, beside images/
 _STR = h5py.string_dtype("utf-8")
 
 
-class StoreError(Exception):
+class StoreError(FerError):
     """A store that is missing, unreadable, of another schema, or lacks what was asked for."""
 
 
@@ -194,7 +196,7 @@ class Store:
             have = ", ".join(self.datasets()) or "none"
             raise StoreError(
                 f"store {self.path} has no dataset {name!r} (it has: {have}). "
-                f"Add it with `featcache build --dataset {name} --root DIR --out {self.path}`."
+                f"Add it with `featcache build --dataset {name} --root DIR --cache {self.path}`."
             )
         return DatasetView(self, name)
 

@@ -23,6 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from featcache.errors import FerError
+from maskfer.config import PRETRAINED_HUB_WORDS, is_remote_pretrained  # noqa: F401 - part of this module's API
+
 __all__ = [
     "create_backbone",
     "list_backbones",
@@ -39,7 +42,7 @@ _HEAD_PREFIXES = ("fc.", "classifier.")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(FerError, RuntimeError):  # RuntimeError: its only base before FerError
     """A weights file does not fit the backbone; the message names the file and example keys."""
 
 
@@ -60,12 +63,7 @@ IMAGENET_URLS = {
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
 }
-_HUB_WORDS = {"imagenet", "hub", "torchvision", "default", "true"}
-
-
-def is_remote_pretrained(spec: str | os.PathLike) -> bool:
-    s = str(spec)
-    return s.lower() in _HUB_WORDS or s.startswith(("http://", "https://", "file://", "hf://"))
+_HUB_WORDS = PRETRAINED_HUB_WORDS
 
 
 def resolve_pretrained(name: str, pretrained: str | os.PathLike) -> Path:

@@ -17,12 +17,16 @@ import numpy as np
 import torch
 
 from featcache import StoreError, open_store
+from featcache.errors import FerError
+from featcache.images import load_image, resize_uint8
+from featcache.manifests import list_items, manifest_from_record
 from featcache.store import DatasetView
+from maskfer.config import split_spec
 
 IN_MEMORY_LIMIT = 4 * 1024**3  # bytes of cached images we are willing to hold in RAM
 
 
-class DataError(Exception):
+class DataError(FerError):
     pass
 
 
@@ -61,8 +65,6 @@ class RootBank(ImageBank):
         self.pool = ThreadPoolExecutor(max(1, workers)) if workers else None
 
     def _one(self, i: int) -> np.ndarray:
-        from featcache.images import load_image, resize_uint8
-
         return resize_uint8(load_image(self.paths[i], self.boxes[i]), self.size)
 
     def get(self, rows: np.ndarray) -> torch.Tensor:
@@ -159,8 +161,6 @@ def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | 
             st = os.stat(ds.store.path)
             return _memory_bank(str(Path(ds.store.path).resolve()), st.st_ino, st.st_mtime_ns, ds.name, size)
         return StoreBank(ds, size)
-    from featcache.manifests import list_items, manifest_from_record
-
     root_dir = Path(root or ds.root)
     if not root_dir.exists():
         raise DataError(
@@ -189,8 +189,6 @@ def check_test_sets(store_path: str, specs: list[str], encoder_key: str, fingerp
     --test fails before training (or before the first test set is evaluated): each dataset and split exists
     and is not empty, holds the run's encoder with the same fingerprint and dimension, and has images
     (cached, or a dataset root) when the method needs them. Raises DataError naming the --test entry."""
-    from maskfer.config import split_spec
-
     if not specs:
         return
     store = open_store(store_path)
@@ -227,8 +225,6 @@ def check_test_sets(store_path: str, specs: list[str], encoder_key: str, fingerp
 def load_split(store_path: str, spec: str, default_split: str, encoder: str | None, need_images: bool,
                image_size: int, root: str | None = None, workers: int = 0) -> tuple[SplitData, dict]:
     """Load one DATASET[:SPLIT]; returns the data and the encoder's store metadata."""
-    from maskfer.config import split_spec
-
     name, split = split_spec(spec, default_split)
     store = open_store(store_path)
     ds = store.dataset(name)

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from featcache import open_store
+from featcache.build import build_store
+from featcache.encoders import EncoderError
+from featcache.encoders.random_clip import save_random_clip
 from featcache.taxonomy import CLASSES
+from maskfer.config import TrainConfig
+from maskfer.train import train
 
 DOMAINS = {
     "demo-a": {"bg": (235, 225, 210), "skin": (240, 200, 160), "ink": (40, 30, 30), "scale": 1.0, "noise": 0.0},
@@ -76,8 +82,6 @@ def make_demo_dataset(root: Path, domain: str, per_class: dict[str, int], seed: 
 
 def tiny_clip(path: Path, projection_dim: int = 64) -> Path:
     """A tiny RANDOM CLIP vision tower saved like a hub checkpoint (offline stand-in)."""
-    from featcache.encoders.random_clip import save_random_clip
-
     if (path / "config.json").exists():
         return path
     return save_random_clip(path, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -92,12 +96,6 @@ def drop_for(dim: int, num_classes: int = len(CLASSES)) -> int:
 def run_demo(out: Path, model: str = "openai/clip-vit-base-patch32", epochs: int = 5, image_size: int = 48,
              per_class: tuple[int, int] = (40, 15), progress: bool = True, log=print) -> list[dict]:
     """Generate data -> featcache build -> maskfer train (cafe and linear probe) -> cross-domain table."""
-    from featcache.build import build_store
-    from featcache import open_store
-    from featcache.encoders import EncoderError
-    from maskfer.config import TrainConfig
-    from maskfer.train import train
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for dom in DOMAINS:

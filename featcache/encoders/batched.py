@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from featcache.encoders.registry import Encoder, EncoderError
+from featcache.encoders.base import Encoder, EncoderError
 
 
 def _settings(meta: dict) -> tuple[int, tuple[int, int], list[float], list[float]]:

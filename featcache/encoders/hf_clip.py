@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from featcache.encoders.registry import Encoder, EncoderError, json_clean, sha256_files
+from featcache.encoders.base import Encoder, EncoderError, json_clean, sha256_files
 
 # Fields of CLIPVisionConfig that decide the network (not paths, versions or output flags).
 _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",

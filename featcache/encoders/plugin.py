@@ -13,8 +13,8 @@ import re
 import torch
 from PIL import Image
 
-from featcache.encoders.registry import (Encoder, EncoderError, UntrustedSpecError, freeze, json_clean,
-                                          sha256_state_dict)
+from featcache.encoders.base import (Encoder, EncoderError, UntrustedSpecError, freeze, json_clean,
+                                      sha256_state_dict)
 
 ENTRY_POINT_GROUP = "featcache.encoders"
 # "pkg.mod:factory" or "pkg.mod:Class.method"; the strict pattern keeps "C:\\models\\clip" a path.
