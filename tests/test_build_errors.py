@@ -23,7 +23,7 @@ def flat(text: str) -> str:
 
 
 def cli_build(dataset, root, out, model, *extra):
-    args = ["build", "--dataset", dataset, "--root", root, "--out", out, "--model", model, "--workers", 0,
+    args = ["build", "--dataset", dataset, "--root", root, "--cache", out, "--model", model, "--workers", 0,
             "--device", "cpu", "--batch-size", 2, "--quiet", *extra]
     return CliRunner().invoke(cli, [str(a) for a in args])
 

@@ -38,7 +38,7 @@ def store(tmp_path_factory, tiny_clip_dir):
     roots = {n: fx.LAYOUT_MAKERS[n](base / n) for n in ("rafdb", "muxspace")}
     out = base / "s.h5"
     for n, root in roots.items():
-        r = run("build", "--dataset", n, "--root", root, "--out", out, "--model", tiny_clip_dir, "--workers", 0,
+        r = run("build", "--dataset", n, "--root", root, "--cache", out, "--model", tiny_clip_dir, "--workers", 0,
                 "--image-size", 8, "--on-error", "skip", "--quiet")
         assert r.exit_code == 0, r.output
     return out, roots
@@ -113,7 +113,7 @@ def test_manifests_lists_every_builtin():
 # ------------------------------------------------------------------ verify
 def test_verify_passes_on_a_good_store(store):
     out, _ = store
-    r = run("verify", out, "--sample", 50)
+    r = run("verify", out, "--sample", 50, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "FAIL" not in r.output and "not checked" not in r.output
     assert "rafdb/tiny-clip: 8 re-encoded match" in r.output and "muxspace/tiny-clip: 9 re-encoded match" in r.output
@@ -152,7 +152,7 @@ def test_verify_fails_on_a_corrupted_copy(kind, store, tmp_path):
     out, _ = store
     edit, check, detail, nfail = CORRUPTIONS[kind]
     bad = corrupt_copy(out, tmp_path / "bad.h5", edit)
-    r = run("verify", bad, "--sample", 50)
+    r = run("verify", bad, "--sample", 50, "--device", "cpu")
     assert r.exit_code == 1, r.output
     text = flat(r.output)
     assert f"FAIL  {check}: " in text and detail in text and f"{nfail} check(s) failed" in text
@@ -179,7 +179,7 @@ def test_verify_a_store_of_a_user_manifest(tmp_path, tiny_clip_dir):
     out = tmp_path / "s.h5"
     build_store(out, str(manifest), root, model=str(tiny_clip_dir), workers=0, progress=False)
     manifest.unlink()
-    r = run("verify", out, "--sample", 10)
+    r = run("verify", out, "--sample", 10, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "mine/tiny-clip: 3 re-encoded match" in r.output and "FAIL" not in r.output
 
@@ -188,3 +188,44 @@ def test_verify_and_info_on_a_missing_file(tmp_path):
     for cmd in ("info", "verify"):
         r = run(cmd, tmp_path / "nope.h5")
         assert r.exit_code == 1 and "does not exist" in flat(r.output) and str(tmp_path / "nope.h5") in flat(r.output)
+
+
+# ------------------------------------------------------------------ flags shared with maskfer
+def test_build_old_out_spelling_still_works_with_a_note(store, tiny_clip_dir):
+    """`--cache FILE` names the store, as in maskfer; the old `--out FILE` works and says so in one line."""
+    out, roots = store
+    args = ["build", "--dataset", "rafdb", "--root", roots["rafdb"], "--model", tiny_clip_dir, "--workers", 0,
+            "--image-size", 8, "--quiet"]
+    r = CliRunner().invoke(cli, [str(a) for a in (*args, "--out", out)])
+    assert r.exit_code == 0, r.output
+    assert "already complete" in r.stdout and str(out) in r.stdout  # the same store, found under the old name
+    assert r.stderr.strip().splitlines() == ["note: --out is now --cache here (--out always names a directory); "
+                                             "the old spelling still works"]
+    r = CliRunner().invoke(cli, [str(a) for a in (*args, "--cache", out)])
+    assert r.exit_code == 0 and "already complete" in r.stdout and "note:" not in r.stderr
+    r = CliRunner().invoke(cli, [str(a) for a in (*args, "--cache", out, "--out", out)])
+    assert r.exit_code == 2 and "--out is the old name of --cache" in r.output
+
+
+def test_verify_device_defaults_to_auto(store, monkeypatch):
+    """--device auto (the default, as everywhere) reaches the re-encode check as a concrete device."""
+    import featcache.inspection
+
+    seen = []
+    real = featcache.inspection.verify
+
+    def spy(s, **kw):  # records the device; re-encodes on the CPU, as the store was built
+        seen.append(kw["device"])
+        return real(s, **{**kw, "device": "cpu"})
+
+    monkeypatch.setattr(featcache.inspection, "verify", spy)
+    out, _ = store
+    r = run("verify", out, "--sample", 2)
+    assert r.exit_code == 0, r.output
+    assert seen == ["cuda" if torch_cuda() else "cpu"]
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

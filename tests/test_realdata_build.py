@@ -54,7 +54,7 @@ def check_against_listing(out, name, listing, info, enc):
 def test_muxspace_full_build_records_the_conflicting_duplicate(fer_data_dir, tmp_path, tiny_clip_dir):
     root = fer_data_dir / "muxspace"
     out = tmp_path / "mux.h5"
-    r = run("build", "--dataset", "muxspace", "--root", root, "--out", out, "--model", tiny_clip_dir,
+    r = run("build", "--dataset", "muxspace", "--root", root, "--cache", out, "--model", tiny_clip_dir,
             "--workers", 1, "--batch-size", 128, "--device", "cpu", "--on-error", "skip", "--quiet")
     assert r.exit_code == 0, r.output
     assert "2315 rows" in r.output and "skipped 1 item(s)" in r.output and "Avinash_30.jpg" in r.output
@@ -77,7 +77,7 @@ def test_ferplus_test_split_through_a_user_manifest(fer_data_dir, tmp_path, tiny
                         'description = "FERPlus PrivateTest only (majority vote)"\n\n'
                         '[params.folders]\ntest = "data/FER2013Test"\n')
     out = tmp_path / "fer.h5"
-    r = run("build", "--dataset", manifest, "--root", root, "--out", out, "--model", tiny_clip_dir,
+    r = run("build", "--dataset", manifest, "--root", root, "--cache", out, "--model", tiny_clip_dir,
             "--workers", 1, "--batch-size", 256, "--device", "cpu", "--quiet")
     assert r.exit_code == 0, r.output
     listing = list_items(load_manifest(str(manifest)), root)

@@ -45,7 +45,7 @@ def big_root(tmp_path_factory) -> Path:
 
 def command(root: Path, out: Path, workers: int = 0) -> list[str]:
     return [sys.executable, "-m", "cli.featcache_cli", "build", "--dataset", "folders", "--root", str(root),
-            "--out", str(out), "--model", MODEL, "--batch-size", str(BATCH), "--workers", str(workers),
+            "--cache", str(out), "--model", MODEL, "--batch-size", str(BATCH), "--workers", str(workers),
             "--device", "cpu", "--image-size", str(SIZE), "--quiet"]
 
 

@@ -50,7 +50,7 @@ def env() -> dict:
 
 def build_cmd(root: Path, out: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "cli.featcache_cli", "build", "--dataset", "folders", "--root", str(root),
-            "--out", str(out), "--model", MODEL, "--device", "cpu", "--quiet", *map(str, extra)]
+            "--cache", str(out), "--model", MODEL, "--device", "cpu", "--quiet", *map(str, extra)]
 
 
 def run_cli(*args):
@@ -231,7 +231,7 @@ def test_symlink_loop_in_class_folder_hides_nothing(tmp_path):
     assert str(root / "happy" / "dangling.jpg") in str(e.value) and "2 problems" in str(e.value)
 
     out = tmp_path / "s.h5"
-    r = run_cli("build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    r = run_cli("build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
                 "--on-error", "skip", "--quiet")
     assert r.exit_code == 0, r.output
     ds = open_store(out).dataset("folders")
@@ -275,7 +275,7 @@ def test_broken_links_decode_with_their_cause(tmp_path):
 def test_bad_dataset_names_are_refused_before_anything_is_written(flag, value, tmp_path):
     root = fx.make_folders(tmp_path / "data")
     out = tmp_path / "s.h5"
-    r = run_cli("build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    r = run_cli("build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
                 "--quiet", flag, value)
     assert r.exit_code == 1
     line = one_error_line(r.output)
@@ -288,7 +288,7 @@ def test_bad_name_from_a_manifest_says_to_pass_name(tmp_path):
     root = fx.make_csv(tmp_path / "data")
     manifest = tmp_path / "mine.toml"
     manifest.write_text('name = "team/raf"\nkind = "csv"\n')
-    r = run_cli("build", "--dataset", manifest, "--root", root, "--out", tmp_path / "s.h5", "--model", MODEL,
+    r = run_cli("build", "--dataset", manifest, "--root", root, "--cache", tmp_path / "s.h5", "--model", MODEL,
                 "--workers", 0, "--quiet")
     assert r.exit_code == 1
     line = one_error_line(r.output)
@@ -298,7 +298,7 @@ def test_bad_name_from_a_manifest_says_to_pass_name(tmp_path):
 def test_a_good_unusual_name_works_end_to_end(tmp_path):
     root = fx.make_folders(tmp_path / "data")
     out = tmp_path / "s.h5"
-    r = run_cli("build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    r = run_cli("build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
                 "--quiet", "--name", "raf db (v2)")
     assert r.exit_code == 0, r.output
     assert run_cli("info", out).exit_code == 0
@@ -338,11 +338,11 @@ def test_read_only_folder_is_one_line(tmp_path, read_only):
     folder.mkdir()
     read_only(folder)
     out = folder / "s.h5"
-    r = run_cli("build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    r = run_cli("build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
                 "--quiet")
     assert r.exit_code == 1
     line = one_error_line(r.output)
-    assert f"cannot write the feature store {out}" in line and "read-only" in line and "--out" in line
+    assert f"cannot write the feature store {out}" in line and "read-only" in line and "--cache" in line
     assert ("Permission denied" in line) or ("Operation not permitted" in line)
     assert sorted(folder.iterdir()) == []
 
@@ -354,10 +354,10 @@ def test_read_only_store_file_is_one_line_and_untouched(tmp_path, read_only):
     before = out.read_bytes()
     read_only(out)
     # nothing to add: a read-only complete store is fine
-    r = run_cli("build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    r = run_cli("build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
                 "--quiet")
     assert r.exit_code == 0 and "already complete" in r.output, r.output
-    r = run_cli("build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    r = run_cli("build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
                 "--quiet", "--image-size", 8)
     assert r.exit_code == 1
     line = one_error_line(r.output)
@@ -516,7 +516,7 @@ def test_max_pixels_is_a_per_file_problem(tmp_path):
     root = fx.make_folders(tmp_path / "data")
     big = fx.write_image(root / "Sad" / "big.png", size=(40, 30))
     out = tmp_path / "s.h5"
-    args = ["build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    args = ["build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
             "--quiet", "--max-pixels", 1000]
     r = run_cli(*args)
     assert r.exit_code == 1
@@ -581,7 +581,7 @@ def test_markup_in_names_prints_verbatim(tmp_path):
     root = fx.make_folders(tmp_path / "data")
     out = tmp_path / "s.h5"
     name = "[red]raf[-red] :smile:"
-    r = run_cli("build", "--dataset", "folders", "--root", root, "--out", out, "--model", MODEL, "--workers", 0,
+    r = run_cli("build", "--dataset", "folders", "--root", root, "--cache", out, "--model", MODEL, "--workers", 0,
                 "--quiet", "--name", name)
     assert r.exit_code == 0, r.output
     r = run_cli("info", out)

@@ -56,7 +56,7 @@ def plugin_store(tmp_path_factory):
         mp.syspath_prepend(str(TESTS))
         root = mf.make_colour_dataset(base / "data", {"train": 2, "test": 1}, seed=3)
         store = base / "features.h5"
-        r = fc("build", "--dataset", "folders", "--root", root, "--out", store, "--model", PLUGIN_SPEC,
+        r = fc("build", "--dataset", "folders", "--root", root, "--cache", store, "--model", PLUGIN_SPEC,
                "--name", DATASET, "--param", "split_dirs.train=train", "--param", "split_dirs.test=test",
                "--image-size", mf.CACHE, "--workers", 0, "--quiet")
         assert r.exit_code == 0, r.output  # a plug-in spec given on the command line still loads
