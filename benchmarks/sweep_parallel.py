@@ -51,7 +51,8 @@ from featcache.taxonomy import CLASSES  # noqa: E402
 from maskfer import rundir  # noqa: E402
 from maskfer.config import TrainConfig  # noqa: E402
 from maskfer.parallel import default_layout, train_parallel  # noqa: E402
-from maskfer.train import Trainer, resolve_device  # noqa: E402
+from featcache.devices import resolve_device  # noqa: E402
+from maskfer.train import Trainer  # noqa: E402
 
 
 def make_images(root: Path, n_images: int, size: int, seed: int = 0) -> Path:
@@ -187,8 +188,8 @@ def _sync(device: torch.device) -> None:
 
 def _warmup(cfgs, device, size, batch, layouts) -> None:
     """One forward/backward of a single model and of each K-stack, so no timing pays first-call costs."""
-    from maskfer.parallel import StackedModel
-    from maskfer.train import build_model
+    from maskfer.stacking import StackedModel
+    from maskfer.model import create_model as build_model
 
     models = [build_model(c, 512) for c in cfgs]
     x = torch.randn(batch, 3, size, size, device=device)

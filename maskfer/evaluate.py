@@ -13,20 +13,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featcache.devices import resolve_device
+from featcache.errors import FerError
 from featcache.taxonomy import CLASSES
 from maskfer import rundir
 from maskfer.augment import prepare_images
 from maskfer.config import TrainConfig
 from maskfer.data import DataError, SplitData, check_test_sets, load_split
+from maskfer.model import create_model
 
 
-class EvalError(Exception):
+class EvalError(FerError):
     pass
 
 
 @torch.no_grad()
-def predict_logits(model, data: SplitData, image_size: int, device: torch.device, batch_size: int = 128) -> torch.Tensor:
-    """Logits of every row, batched: (N, L), or (N, K, L) for maskfer.parallel's stacked model."""
+def predict_logits(model, data: SplitData, image_size: int, device: torch.device, batch_size: int = 128,
+                   output: str = "logits") -> torch.Tensor:
+    """Logits of every row, batched: (N, L), or (N, K, L) for maskfer.parallel's stacked model. ``output``
+    names another entry of the model's output dict to collect instead (MaskModel's "masked": (N, C))."""
     model.eval()
     out = []
     for s in range(0, len(data), batch_size):
@@ -35,8 +40,8 @@ def predict_logits(model, data: SplitData, image_size: int, device: torch.device
         x = None
         if data.bank is not None:
             x = prepare_images(data.bank.get(data.rows[pos.numpy()]).to(device), image_size)
-        out.append(model(x, feats)["logits"].float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
+        out.append(model(x, feats)[output].float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(CLASSES) if output == "logits" else 0)
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(CLASSES)) -> dict:
@@ -63,15 +68,13 @@ def evaluate_split(model, data: SplitData, image_size: int, device: torch.device
 
 def load_run(run: Path, device: torch.device):
     """(model, config, stored config json) of a run directory's last checkpoint."""
-    from maskfer.train import build_model
-
     run = Path(run)
     if not (run / rundir.CONFIG).exists():
         raise EvalError(f"{run} is not a maskfer run directory (no {rundir.CONFIG}); train one with `maskfer train`")
     if not (run / rundir.LAST).exists():
         raise EvalError(f"run {run} has no checkpoint yet (training has not finished an epoch)")
     stored, cfg = rundir.read_run_config(run)
-    model = build_model(cfg, int(stored["feat_dim"]))
+    model = create_model(cfg, int(stored["feat_dim"]))
     sd, _, meta = rundir.load_checkpoint(run / rundir.LAST)
     try:
         model.load_state_dict(sd)
@@ -84,14 +87,12 @@ def load_run(run: Path, device: torch.device):
     return model.to(device).eval(), cfg, stored
 
 
-def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str = "auto", trainer=None, log=print,
+def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str | torch.device = "auto", log=print,
                  merge: bool = True) -> dict:
     """Evaluate a run on test sets of a store; returns the results and merges them into results.json
     (see :func:`_merge_results`; ``merge=False`` replaces the file)."""
-    from maskfer.train import resolve_device, uses_images
-
     run = Path(run)
-    dev = resolve_device(device) if trainer is None else trainer.device
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     model, cfg, stored = load_run(run, dev)
     cache = cache or cfg.cache
     res = {"run": str(run), "train": cfg.train, "method": cfg.method, "label": run_label(cfg),
@@ -99,12 +100,12 @@ def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str = "
            "encoder": stored["encoder"], "tests": {}}
     try:  # every test set must exist before the first is evaluated
         check_test_sets(cache, tests, stored["encoder"]["key"], stored["encoder"].get("fingerprint"),
-                        int(stored["feat_dim"]), uses_images(cfg), cfg.root, trained=f"run {run}")
+                        int(stored["feat_dim"]), cfg.method_spec.needs_images, cfg.root, trained=f"run {run}")
     except DataError as e:
         raise EvalError(str(e)) from None
     for spec in tests:
         try:
-            data, info = load_split(cache, spec, "test", stored["encoder"]["key"], uses_images(cfg), cfg.image_size,
+            data, info = load_split(cache, spec, "test", stored["encoder"]["key"], cfg.method_spec.needs_images, cfg.image_size,
                                     cfg.root, cfg.workers)
         except DataError as e:
             raise EvalError(str(e)) from None
@@ -146,9 +147,9 @@ def _merge_results(run: Path, res: dict, merge: bool, log) -> dict:
 
 def run_label(cfg: TrainConfig) -> str:
     tags = []
-    if cfg.method == "cafe":
+    if cfg.method_spec.loss == "cafe":
         tags += [t for t, on in (("no-sigmoid", cfg.sigmoid), ("no-sep", cfg.separation), ("no-div", cfg.diverse)) if not on]
-    if cfg.feature_norm != "none" and cfg.method != "baseline":  # baseline uses no features
+    if cfg.feature_norm != "none" and cfg.method_spec.needs_features:
         tags.append(f"feature-norm {cfg.feature_norm}")
     return f"{cfg.train} / {cfg.method}" + (f" ({', '.join(tags)})" if tags else "")
 

@@ -16,7 +16,8 @@ from torch import nn
 from .backbones import create_backbone
 from .separation import diverse_loss, separation_losses
 
-__all__ = ["FeatureNorm", "MaskMapping", "MaskModel", "cafe_loss", "BaselineModel", "LinearProbe"]
+__all__ = ["FeatureNorm", "MaskMapping", "MaskModel", "cafe_loss", "BaselineModel", "LinearProbe", "ARCHITECTURES",
+           "create_model"]
 
 
 class FeatureNorm(nn.Module):
@@ -168,3 +169,24 @@ class LinearProbe(nn.Module):
 
     def forward(self, images: torch.Tensor | None, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.fc(self.feat_norm(feats))}
+
+
+NUM_CLASSES = 7
+
+# maskfer.methods.Method.architecture -> constructor(cfg, feat_dim); one entry per model family.
+ARCHITECTURES = {
+    "mask": lambda cfg, dim: MaskModel(cfg.backbone, dim, NUM_CLASSES, use_sigmoid=cfg.sigmoid, mask_map=cfg.mask_map,
+                                       pretrained=cfg.pretrained, feature_norm=cfg.feature_norm == "standardize"),
+    "end-to-end": lambda cfg, dim: BaselineModel(cfg.backbone, NUM_CLASSES, pretrained=cfg.pretrained),
+    "linear": lambda cfg, dim: LinearProbe(dim, NUM_CLASSES, feature_norm=cfg.feature_norm == "standardize"),
+}
+
+
+def create_model(cfg, feat_dim: int, feat_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """The model of ``cfg.method`` (a maskfer.config.TrainConfig). ``feat_stats`` (mean, std) initialise
+    --feature-norm standardize; a checkpoint loaded afterwards carries its own."""
+    model = ARCHITECTURES[cfg.method_spec.architecture](cfg, feat_dim)
+    norm = getattr(model, "feat_norm", None)
+    if norm is not None and norm.enabled and feat_stats is not None:
+        norm.set_stats(*feat_stats)
+    return model

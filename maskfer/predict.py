@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from featcache.build import encode_views
+from featcache.devices import resolve_device
 from featcache.encoders import create_encoder, fingerprint
 from featcache.images import ImageError, load_image, resize_uint8
 from featcache.taxonomy import CLASSES
@@ -40,11 +41,9 @@ def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size
             trust_plugins: bool = False) -> list[dict]:
     """``trust_plugins`` (--trust-plugins): allow a plug-in encoder spec named in the run's config.json
     to be imported; off by default, since a run directory may come from anyone."""
-    from maskfer.train import resolve_device, uses_images
-
     dev = resolve_device(device)
     model, cfg, stored = load_run(Path(run), dev)
-    need_feats = cfg.method != "baseline"
+    need_feats = cfg.method_spec.needs_features
     enc = None
     if need_feats:
         spec = stored["encoder"]["spec"]
@@ -78,7 +77,7 @@ def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size
             continue
         feats = (torch.from_numpy(encode_views(enc, torch.stack(pix), dev)[:, 0]).to(dev)
                  if enc is not None else None)
-        x = prepare_images(torch.from_numpy(np.stack(thumbs)).to(dev), cfg.image_size) if uses_images(cfg) else None
+        x = prepare_images(torch.from_numpy(np.stack(thumbs)).to(dev), cfg.image_size) if cfg.method_spec.needs_images else None
         with torch.no_grad():
             probs = torch.softmax(model(x, feats)["logits"].float(), dim=1).cpu().numpy()
         for f, p in zip(ok_files, probs):

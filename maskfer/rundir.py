@@ -12,8 +12,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from featcache.errors import FerError
+from featcache.taxonomy import CLASSES
+from maskfer.config import ConfigError, TrainConfig, check_types
+from maskfer.errors import TrainError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -21,7 +26,7 @@ LAST = "checkpoint_last.safetensors"
 RESULTS = "results.json"
 
 
-class RunDirError(Exception):
+class RunDirError(FerError):
     pass
 
 
@@ -53,8 +58,6 @@ def read_run_config(run: Path):
     value of the wrong type or out of range, an unknown method, a feature dim that is not a positive
     integer or disagrees with the encoder's), instead of a traceback from wherever the value is used.
     """
-    from maskfer.config import ConfigError, TrainConfig, check_types
-
     path = Path(run) / CONFIG
 
     def bad(field: str, why: str) -> RunDirError:
@@ -96,8 +99,6 @@ def read_run_config(run: Path):
     size = stored.get("source_image_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise bad("source_image_size", f"expected a positive integer or null, not {size!r}")
-    from featcache.taxonomy import CLASSES
-
     if "classes" in stored and stored["classes"] != list(CLASSES):
         raise bad("classes", f"{stored['classes']!r} is not this tool's class order {list(CLASSES)}")
     return stored, cfg
@@ -138,8 +139,8 @@ def _clean(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
-def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict -> (named tensors, JSON-able rest)."""
     tensors, scalars = {}, {}
     for pid, s in sd["state"].items():
         for k, v in s.items():
@@ -163,10 +164,15 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None, meta: dict) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    save_state(path, model.state_dict(), opt.state_dict() if opt is not None else None, meta)
+
+
+def save_state(path: Path, model_sd: dict, opt_sd: dict | None, meta: dict) -> None:
+    """One checkpoint file from state dicts (a stacked model's slice for one run of a group, say)."""
+    tensors = {f"model.{k}": v for k, v in model_sd.items()}
     opt_meta = None
-    if opt is not None:
-        ot, opt_meta = flatten_optimizer(opt)
+    if opt_sd is not None:
+        ot, opt_meta = flatten_optimizer(opt_sd)
         tensors.update(ot)
     blob = {"meta": meta, "optimizer": opt_meta}
     clean = _clean(tensors)
@@ -209,3 +215,90 @@ def read_metrics(run: Path) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class RunDir:
+    """One run directory as training sees it, the same for a lone run and for each run of a parallel group.
+
+    It owns what makes a run kill-safe and honest: the record in config.json (configuration, its
+    identity hash, the encoder and its fingerprint, classes, source image size, the parallel group
+    when there is one), the refusal to continue a run of another configuration or of other features,
+    the clean-up of temp files a kill -9 left, the checkpoint with the metrics history up to its
+    epoch, and metrics.jsonl restored from that history on resume.
+    """
+
+    def __init__(self, path: Path, cfg, *, feat_dim: int, encoder: dict, source_image_size: int | None = None,
+                 group: dict | None = None, log=print):
+        self.path, self.cfg, self.log, self.group = Path(path), cfg, log, group
+        self.record = {"config": cfg.to_dict(), "config_hash": cfg.identity_hash(), "feat_dim": int(feat_dim),
+                       "encoder": {k: encoder.get(k) for k in ("key", "spec", "fingerprint", "dim")},
+                       "classes": list(CLASSES),
+                       # size of the uint8 images the training batches were resized from (predict mirrors it)
+                       "source_image_size": source_image_size}
+        if group is not None:
+            self.record["parallel_group"] = group
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / LAST
+
+    def prepare(self) -> int:
+        """Write the record, or check it against the one there; returns the last finished epoch (-1: none)."""
+        out, cfg = self.path, self.cfg
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("*.tmp-*"):  # a write cut short by kill -9 (Ctrl-C cleans up after itself)
+            stale.unlink(missing_ok=True)
+        cfg_path = out / CONFIG
+        if not (cfg_path.exists() and self.checkpoint.exists()):  # nothing trained: a corrected command may replace it
+            write_json(cfg_path, self.record)
+            return self.last_epoch()
+        old, old_cfg = read_run_config(out)  # a damaged file: an error naming it and the field
+        diff = []
+        if old.get("config_hash") != self.record["config_hash"]:
+            old_id = old_cfg.identity()
+            diff = sorted(k for k, v in cfg.identity().items() if old_id.get(k) != v)
+        old_fp, new_fp = (old.get("encoder") or {}).get("fingerprint"), self.record["encoder"]["fingerprint"]
+        if old_fp != new_fp:
+            diff.append(f"encoder features (fingerprint {old_fp} there, {new_fp} in {cfg.cache})")
+        if diff:
+            raise TrainError(f"run directory {out} holds a run with another configuration (differs in: "
+                             f"{', '.join(diff)}). Use a new --out, or delete that directory to start over.")
+        if self.group is not None:
+            before = (old.get("parallel_group") or {}).get("data_seed", cfg.seed)
+            if before != self.group["data_seed"]:
+                self.log(f"note: {out} was trained so far with data seed {before}; it continues with this "
+                         f"group's data seed {self.group['data_seed']}")
+            old["parallel_group"] = self.group
+            write_json(cfg_path, old)
+        return self.last_epoch()
+
+    def last_epoch(self) -> int:
+        """Epoch of the checkpoint from its metadata alone (-1 when there is none)."""
+        if not self.checkpoint.exists():
+            return -1
+        try:
+            with safe_open(str(self.checkpoint), framework="pt") as f:
+                return int(json.loads(f.metadata()["maskfer"])["meta"]["epoch"])
+        except Exception as e:  # noqa: BLE001 - any decoding error means the same to the user
+            raise RunDirError(f"cannot read checkpoint {self.checkpoint}: {e}") from e
+
+    def resume(self) -> tuple[dict, dict | None, dict]:
+        """(model state, optimizer state, meta) of the checkpoint; metrics.jsonl becomes the rows of the epochs
+        the checkpoint holds, no more and no fewer."""
+        model_sd, opt_sd, meta = load_checkpoint(self.checkpoint)
+        rows = meta.get("metrics") or [r for r in read_metrics(self.path) if r.get("epoch", -1) <= meta["epoch"]]
+        atomic_write_text(self.path / METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        return model_sd, opt_sd, meta
+
+    def save_epoch(self, row: dict, model_sd: dict, opt_sd: dict | None, scheduler: dict) -> None:
+        """Checkpoint, then metrics.jsonl, for the epoch ``row["epoch"]``. The checkpoint carries the metrics rows
+        up to its epoch: a kill between the two writes would otherwise lose this row for good (the resumed run
+        starts after it)."""
+        epoch = row["epoch"]
+        history = [r for r in read_metrics(self.path) if r.get("epoch", -1) < epoch] + [row]
+        meta = {"epoch": epoch, "config_hash": self.record["config_hash"], "scheduler": scheduler,
+                "feat_dim": self.record["feat_dim"], "metrics": history}
+        if self.group is not None:
+            meta["parallel_group"] = self.group
+        save_state(self.checkpoint, model_sd, opt_sd, meta)
+        append_metrics(self.path, row)

@@ -7,6 +7,60 @@ batched matmul with weights (K, out, in). That is why grouped convolutions are u
 torch.func.vmap: BatchNorm's in-place running-stat updates do not survive vmap. On CPU, where
 grouped convolutions measured slower than K separate ones, the "loop" layout keeps K separate
 backbones and stacks only the heads. Stacking and unstacking are exact (tests/test_parallel.py).
+
+Design: one fused module (grouped convolutions), not ``torch.func.vmap``
+------------------------------------------------------------------------
+The K models are fused into ONE ordinary ``nn.Module`` (:class:`StackedModel`) whose tensors
+carry the K models side by side along the channel axis ("channel-concatenated layout"):
+
+* the backbone's first Conv2d(3, out) receives the shared image batch and becomes
+  Conv2d(3, K*out) with the K weight tensors concatenated along dim 0: one GEMM with K*out
+  outputs reads the image once (cheaper than repeating the batch to (B, 3K, S, S));
+* every other Conv2d(in, out, groups=g) becomes Conv2d(K*in, K*out, groups=K*g), so block k of
+  the output depends only on block k of the input (model k's own channels);
+* every BatchNorm2d(C) becomes BatchNorm2d(K*C): BN is per channel, so each model keeps its
+  own batch statistics and its own running mean/var, updated in place as usual;
+* every Linear(in, out) becomes :class:`StackedLinear` (weights (K*out, in), one ``baddbmm``),
+  or a plain Linear(in, K*out) where the input is shared (the linear probe's features);
+* parameter-free modules (ReLU, pooling, residual adds, flatten) are channel-agnostic and
+  run unchanged, so the backbone's own ``forward`` drives the fused network.
+
+Why not ``torch.func.stack_module_state`` + ``vmap(functional_call)``: (1) vmap's batching rule
+for a convolution with batched weights IS a grouped convolution (the model axis is folded into
+``groups``), so it would run the same kernels with extra indirection; (2) BatchNorm updates its
+running statistics in place during the forward; under vmap the stacked buffers must be passed
+in, updated and written back each step, and the documented functorch recipe for BN
+(``replace_all_batch_norm_modules_``) simply stops tracking them, which changes the model;
+(3) the fused module is an ordinary ``nn.Module``: ordinary Adam over its parameters,
+ordinary state dict, no functional plumbing. Every stacked tensor keeps the MaskModel key name
+with the K slices along dim 0: unstacking is slicing, one Adam over the stack is exactly K
+independent Adams (Adam is elementwise; lr, weight decay and gamma are shared fields), and
+with K = 1 it IS the sequential model (same modules, same kernels), so a K = 1 group
+reproduces a lone run bit for bit on CPU (tests check it).
+
+Two backbone layouts, same everything else (``train_parallel(layout=...)``):
+
+* ``"grouped"`` (default on CUDA): the fused network above. It turns K small kernel launches per
+  layer into one wide one, which is what fills a GPU.
+* ``"loop"`` (default on CPU): the K backbones stay separate modules, called one after another
+  on the shared batch inside the one step; mask map, sigmoid, classifier, loss, drop and
+  optimizer stay fused and vectorised. Reason, measured on this project's CPU (oneDNN 3.12,
+  torch 2.13, resnet18, 112 px, batch 32, K = 8, one thread): a grouped convolution forward +
+  backward took ~1.75x the time of the K ordinary convolutions it replaces (17.6 s vs
+  10.0 s per step), and channels-last or the non-oneDNN path did not help; end to end
+  (benchmarks/sweep_parallel.py) grouped ran at 0.65x the sequential runs, loop at 1.00x. A CPU has no idle
+  parallelism for the wide kernel to use, so there the group saves the repeated data
+  pipeline and per-run overhead and runs the convolutions as fast as the sequential runs.
+  Each model then computes exactly what it computes alone (bitwise), BN included.
+
+Per-model switches, all vectorised over K (no Python loop over models, samples, channels or
+classes in the step): ``lam``/``beta`` are (K,) weights (0 where a model turns the loss off),
+``sigmoid`` is ``where(sigmoid_k, sigmoid(M), M)``, and channel drop draws uniform scores in
+the grouped (rows, K, L, g_max) layout and zeroes each group's d_k lowest-scoring real slots
+(:func:`per_model_keep`); ``drop_mode`` may differ per model (a "batch" model uses row 0 of
+the draw for every sample). The per-model losses are summed and backpropagated once; the
+models share no parameter, so their gradients do not interact.
+
 """
 from __future__ import annotations
 

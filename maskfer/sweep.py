@@ -11,83 +11,63 @@ the test sets: they stand for domains the user has not seen.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import itertools
 import json
-import math
 import re
 import tomllib
-import typing
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from featcache import StoreError, open_store
+from featcache.errors import FerError
 from maskfer import rundir
-from maskfer.config import ConfigError, TrainConfig
+from maskfer.batches import check_drop, check_online_encoder
+from maskfer.config import (AXIS_FIELDS, DATA_FIELDS, OPTIONS, ConfigError, TrainConfig, coerce_value, field_for, flag,
+                            split_spec, unknown_key_hint)
+from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder, resolve_split
+from maskfer.evaluate import evaluate_run
+from maskfer.parallel import group_key, train_parallel
+from maskfer.train import Trainer
 
 SWEEP_FILE = "sweep.json"
-ALIASES = {"lambda": "lam"}  # CLI spelling -> TrainConfig field
-NOT_AXES = ("cache", "train")  # one sweep = one store and one training set
 
 
-class SweepError(Exception):
+class SweepError(FerError):
     pass
 
 
 # ---------------------------------------------------------------------------- parsing
-def field_name(axis: str, what: str = "grid axis") -> str:
-    name = axis.strip().lstrip("-").replace("-", "_")
-    name = ALIASES.get(name, name)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if name not in fields or name in NOT_AXES:
-        valid = sorted(({a for a in ALIASES} | fields) - set(NOT_AXES) - {"lam"})
-        raise SweepError(f"{what} {axis!r} names no training option; options: {', '.join(valid)}")
+# Axis names, --set keys and [base] keys are the flag spellings of maskfer.config's declaration (lambda,
+# noise-std, sigmoid ...; dashes or underscores), and the field names (lam, noise_std) that older sweep
+# files used; the sweep axes are config.AXIS_FIELDS (one sweep is one store and one training set).
+def field_name(axis: str, what: str = "grid axis", axes_only: bool = True) -> str:
+    """A user's spelling of a training option -> its TrainConfig field; SweepError naming the allowed ones.
+    ``axes_only=False`` (--set, [base]) also accepts the options that are not axes (cache, train)."""
+    name = field_for(axis)
+    allowed = AXIS_FIELDS if axes_only else tuple(OPTIONS)
+    if name is None:
+        hint = unknown_key_hint(axis)
+        if hint.startswith("options:"):
+            hint = "options: " + ", ".join(flag(n) for n in allowed)
+        raise SweepError(f"{what} {axis!r} names no training option; {hint}")
+    if name not in allowed:
+        raise SweepError(f"{what} {axis!r} is not a sweep axis: one sweep has one --{flag(name)} (set it with "
+                         f"--{flag(name)} or in [base]); axes: {', '.join(flag(n) for n in allowed)}")
     return name
 
 
-def _field_types() -> dict[str, typing.Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
 def coerce(name: str, value, where: str):
-    """Turn a CLI string or TOML value into the type of TrainConfig.<name>; clear error otherwise."""
-    tp = _field_types()[name]
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), tp) if args else tp
-    if typing.get_origin(tp) is list or typing.get_origin(base) is list:
-        # a TOML list, or "a+b" / "a,b" (inside --grid the comma separates values, so use '+')
-        items = value if isinstance(value, list) else [v.strip() for v in re.split(r"[+,]", str(value)) if v.strip()]
-        return [str(v) for v in items]
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
-        return None
+    """A CLI string or TOML value -> the type of TrainConfig.<name> (maskfer.config.coerce_value); SweepError
+    prefixed with ``where`` otherwise."""
     try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("true", "yes", "on", "1"):
-                return True
-            if s in ("false", "no", "off", "0"):
-                return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            f = float(value)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            v = float(value)
-            if not math.isfinite(v):
-                raise ValueError
-            return v
-        return str(value)
-    except (TypeError, ValueError):
-        raise SweepError(f"{where}: {value!r} is not a valid {getattr(base, '__name__', base)} for option {name!r}") from None
+        return coerce_value(name, value)
+    except ConfigError as e:
+        raise SweepError(f"{where}: {e}") from None
 
 
 def parse_grid(pairs: list[str]) -> dict[str, list]:
@@ -118,8 +98,8 @@ def _distinct(values: list, where: str) -> list:
 
 
 def axis_label(name: str) -> str:
-    """TrainConfig field -> the spelling a user types (lam -> lambda)."""
-    return {v: k for k, v in ALIASES.items()}.get(name, name)
+    """TrainConfig field -> the spelling a user types, its flag (lam -> lambda, val_split -> val-split)."""
+    return flag(name)
 
 
 def load_sweep_file(path: str | Path) -> tuple[dict, dict[str, list]]:
@@ -135,23 +115,23 @@ def load_sweep_file(path: str | Path) -> tuple[dict, dict[str, list]]:
     for table in ("base", "grid"):
         if not isinstance(raw.get(table, {}), dict):
             raise SweepError(f"{path}: {table!r} must be a table ([{table}]), not a single value")
-    base = {}
+    base, spelled = {}, {}
     for k, v in raw.get("base", {}).items():
-        name = ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
-        if name not in _field_types():
-            valid = sorted(set(ALIASES) | set(_field_types()) - {"lam"})
-            raise SweepError(f"{path}: [base] option {k!r} is not a training option; options: {', '.join(valid)}")
+        name = field_for(k)
+        if name is None:
+            raise SweepError(f"{path}: [base] option {k!r} is not a training option; {unknown_key_hint(k)}")
         if name in base:
-            raise SweepError(f"{path}: [base] option {k!r} is given twice (as {axis_label(name)!r} and {name!r})")
-        base[name] = coerce(name, v, f"{path} [base] {k}")
-    grid = {}
+            raise SweepError(f"{path}: [base] option {k!r} is given twice (as {spelled[name]!r} and {k!r})")
+        base[name], spelled[name] = coerce(name, v, f"{path} [base] {k}"), k
+    grid, spelled = {}, {}
     for k, v in raw.get("grid", {}).items():
         name = field_name(k)
         vals = v if isinstance(v, list) else [v]
         if not vals:
             raise SweepError(f"{path}: [grid] axis {k!r} has no values")
         if name in grid:
-            raise SweepError(f"{path}: [grid] axis {k!r} is given twice (as {axis_label(name)!r} and {name!r})")
+            raise SweepError(f"{path}: [grid] axis {k!r} is given twice (as {spelled[name]!r} and {k!r})")
+        spelled[name] = k
         grid[name] = _distinct([coerce(name, x, f"{path} [grid] {k}") for x in vals], f"{path} [grid] {k}")
     return base, grid
 
@@ -218,8 +198,6 @@ def _check_dir(out: Path, base: TrainConfig, grid: dict, write: bool = True) -> 
 def _rows_of(store, spec: str, default: str):
     """(dataset view, split, rows) of DATASET[:SPLIT] as maskfer.data.load_split resolves it, without reading
     features or images."""
-    from maskfer.config import split_spec
-    from maskfer.data import DataError, resolve_split
 
     name, split = split_spec(spec, default)
     ds = store.dataset(name)
@@ -231,7 +209,6 @@ def _rows_of(store, spec: str, default: str):
 
 
 def _check_images(ds, cfg: TrainConfig) -> None:
-    from maskfer.data import DataError
 
     if not ds.image_sizes() and not Path(cfg.root or ds.root).exists():
         raise DataError(
@@ -243,13 +220,8 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
     """What only the feature store knows about one configuration (what Trainer and evaluate_run would
     refuse after the sweep has started): datasets, splits, encoder, its feature dim against --drop,
     cached images, the validation split, the test sets."""
-    from featcache import open_store
-    from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder
-    from maskfer.train import NUM_CLASSES, uses_images
 
-    if cfg.online_encoder and cfg.method in ("baseline", "linear-probe"):
-        raise ConfigError("--online-encoder recomputes features for an epoch loop: use it with --method cafe or "
-                              "linear-head (baseline uses no features; linear-probe fits the cached ones once)")
+    check_online_encoder(cfg)
     if cfg.cache not in stores:
         stores[cfg.cache] = open_store(cfg.cache)
     store = stores[cfg.cache]
@@ -257,22 +229,16 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
     key = resolve_encoder(ds, cfg.encoder)
     info = ds.encoder_info(key)
     dim = int(info["dim"])
-    smallest = dim // NUM_CLASSES
-    if cfg.method == "cafe" and cfg.separation and cfg.drop >= smallest:
-        raise ConfigError(
-            f"--drop {cfg.drop}: features of encoder {key!r} have {dim} channels, so each of the {NUM_CLASSES} "
-            f"class groups has {smallest}+ channels; drop at most {smallest - 1}")
-    if uses_images(cfg) or cfg.online_encoder:
+    check_drop(cfg, dim, key)
+    if cfg.method_spec.needs_images or cfg.online_encoder:
         _check_images(ds, cfg)
     holdout = parse_holdout(cfg.val_split)
     if holdout:
-        import torch
 
         labels = torch.from_numpy(ds.labels[rows])
         holdout_split(SplitData(f"{ds.name}:{split}", ds.name, split, rows, rows, labels,
                                 torch.zeros(len(rows), 0), None), holdout)
     elif cfg.val_split:
-        from featcache import StoreError
 
         try:
             _rows_of(store, f"{ds.name}:{cfg.val_split}", cfg.val_split)
@@ -287,18 +253,15 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
                 f"test set {spec} in {cfg.cache} has encoder {key!r} features (dim {tinfo['dim']}, fingerprint "
                 f"{tinfo.get('fingerprint')}) unlike the training set {cfg.train} (dim {dim}, fingerprint "
                 f"{info.get('fingerprint')}): build the test set with the same --model")
-        if uses_images(cfg):
+        if cfg.method_spec.needs_images:
             _check_images(tds, cfg)
 
 
-_DATA_FIELDS = ("cache", "train", "encoder", "val_split", "test", "method", "separation", "drop", "online_encoder",
-                "pretrained", "root")
+_DATA_FIELDS = DATA_FIELDS  # maskfer.config declares which fields the store checks read
 
 
 def check_data(points) -> None:
     """:func:`_check_data` for every configuration (once per distinct set of the fields it reads)."""
-    from featcache import StoreError
-    from maskfer.data import DataError
 
     stores: dict = {}
     seen = set()
@@ -322,7 +285,7 @@ def check_data(points) -> None:
 def _finished(run: Path, cfg: TrainConfig) -> bool:
     """Trained to the last epoch (the test results are checked separately: :func:`_has_results`)."""
     rows = rundir.read_metrics(run)
-    if cfg.method == "linear-probe":  # one solve, one metrics row (maskfer.probe); an older epoch-trained
+    if cfg.method_spec.fit == "lbfgs":  # one solve, one metrics row (maskfer.probe); an older epoch-trained
         # 'linear-probe' run is not a fitted probe (the Trainer refuses to count it as one)
         return bool(rows) and rows[-1].get("solver") == "lbfgs" and (run / rundir.LAST).exists()
     return len(rows) >= cfg.epochs and (run / rundir.LAST).exists()
@@ -330,7 +293,6 @@ def _finished(run: Path, cfg: TrainConfig) -> bool:
 
 def _has_results(run: Path, cfg: TrainConfig) -> bool:
     """results.json holds exactly this configuration's test sets (the sweep may be rerun with another --test)."""
-    from maskfer.config import split_spec
 
     if not cfg.test:
         return True
@@ -364,19 +326,14 @@ def plan_sweep(base: TrainConfig, grid: dict[str, list], out: Path, write: bool 
 
 def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, parallel: int = 1, progress: bool = True,
               log=print, trust_plugins: bool = False) -> dict:
-    from maskfer.evaluate import evaluate_run
-    from maskfer.train import Trainer
-
     out = Path(out)
     grid = _stored_order(out, grid)
     points = plan_sweep(base, grid, out)
     todo = [(rid, p, c) for rid, p, c in points if not _finished(out / "runs" / rid, c)]
     log(f"sweep {out}: {len(points)} configurations, {len(points) - len(todo)} already finished")
     # The converged linear probe is one L-BFGS solve, not an epoch loop: nothing to stack.
-    stacked = [t for t in todo if t[2].method != "linear-probe"] if parallel > 1 else []
+    stacked = [t for t in todo if t[2].method_spec.epoch_trained] if parallel > 1 else []
     if stacked:
-        from maskfer.parallel import group_key, train_parallel
-
         groups: dict[str, list] = {}
         for rid, p, c in stacked:
             groups.setdefault(group_key(c), []).append((rid, p, c))
@@ -396,7 +353,7 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, paralle
             trainer = Trainer(c, out / "runs" / rid, progress, log, trust_plugins=trust_plugins)
             trainer.run()
             if c.test:
-                evaluate_run(out / "runs" / rid, c.cache, c.test, trainer=trainer, log=log, merge=False)
+                evaluate_run(out / "runs" / rid, c.cache, c.test, device=trainer.device, log=log, merge=False)
     # trained earlier but killed before its evaluation, or the sweep is rerun with other --test sets.
     # merge=False everywhere: a sweep run's results.json holds exactly its configuration's test sets.
     for rid, _, c in points:
@@ -407,38 +364,38 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, paralle
 
 # ---------------------------------------------------------------------------- summary
 def summarize_sweep(out: Path, points, grid: dict[str, list]) -> dict:
-    """Per configuration (grid point without seed): mean ± std over seeds of val and test accuracy."""
+    """Per configuration (grid point without seed): mean ± std over seeds of val and test accuracy; written
+    to summary.json / .md / .csv."""
+    summary = _summary(Path(out), [p for _, p, _ in points], grid)
+    rundir.write_json(out / "summary.json", summary)
+    rundir.atomic_write_text(out / "summary.md", summary_markdown(summary))
+    rundir.atomic_write_text(out / "summary.csv", summary_csv(summary))
+    return summary
+
+
+def _summary(out: Path, points: list[dict], grid: dict[str, list]) -> dict:
     axes = [a for a in grid if a != "seed"]
     by_conf: dict[str, dict] = {}
-    for rid, point, cfg in points:
-        run = out / "runs" / rid
+    for point in points:
+        run = out / "runs" / point_id(point)
         conf = {a: point[a] for a in axes}
-        key = json.dumps(conf, sort_keys=True)
-        entry = by_conf.setdefault(key, {"config": conf, "runs": [], "val": [], "tests": {}})
-        metrics = rundir.read_metrics(run)
+        entry = by_conf.setdefault(json.dumps(conf, sort_keys=True), {"config": conf, "runs": [], "val": [], "tests": {}})
         entry["runs"].append(str(run.relative_to(out)))
+        metrics = rundir.read_metrics(run)
         if metrics and "val_acc" in metrics[-1]:
             entry["val"].append(metrics[-1]["val_acc"])
         res = rundir.read_json(run / rundir.RESULTS) if (run / rundir.RESULTS).exists() else {"tests": {}}
         for t, m in res["tests"].items():
             entry["tests"].setdefault(t, []).append(m["accuracy"])
-    rows = []
-    for entry in by_conf.values():
-        rows.append({
-            "config": entry["config"], "runs": entry["runs"], "n_seeds": len(entry["runs"]),
-            "val_mean": _mean(entry["val"]), "val_std": _std(entry["val"]),
-            "tests": {t: {"mean": _mean(v), "std": _std(v), "n": len(v)} for t, v in entry["tests"].items()},
-        })
+    rows = [{"config": e["config"], "runs": e["runs"], "n_seeds": len(e["runs"]), "val_mean": _mean(e["val"]),
+             "val_std": _std(e["val"]), "tests": {t: {"mean": _mean(v), "std": _std(v), "n": len(v)}
+                                                  for t, v in e["tests"].items()}}
+            for e in by_conf.values()]
     complete = [r for r in rows if r["val_mean"] is not None]
     best = max(complete, key=lambda r: r["val_mean"]) if complete else None
     for r in rows:
         r["selected"] = r is best
-    summary = {"axes": axes, "grid": grid, "selection": "highest mean validation accuracy over seeds",
-               "rows": rows}
-    rundir.write_json(out / "summary.json", summary)
-    rundir.atomic_write_text(out / "summary.md", summary_markdown(summary))
-    rundir.atomic_write_text(out / "summary.csv", summary_csv(summary))
-    return summary
+    return {"axes": axes, "grid": grid, "selection": "highest mean validation accuracy over seeds", "rows": rows}
 
 
 def _mean(v):
@@ -478,8 +435,6 @@ def summary_markdown(summary: dict) -> str:
 
 
 def summary_csv(summary: dict) -> str:
-    import csv
-    import io
 
     tests = test_columns(summary)
     buf = io.StringIO()
@@ -491,3 +446,12 @@ def summary_csv(summary: dict) -> str:
                     r["val_mean"], r["val_std"],
                     *[r["tests"].get(t, {}).get(s) for t in tests for s in ("mean", "std")]])
     return buf.getvalue()
+
+
+def summary_so_far(out: str | Path) -> dict:
+    """The summary :func:`summarize_sweep` writes when a sweep ends, computed from the run directories finished
+    so far and written nowhere (``maskfer report`` on a sweep still running). The grid and its axis order are
+    the ones stored in the directory's sweep.json, so the run directories are found under their own names."""
+    out = Path(out)
+    grid = _stored_order(out, rundir.read_json(out / SWEEP_FILE).get("grid", {}))
+    return _summary(out, [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())], grid)

@@ -133,10 +133,9 @@ def test_evaluate_run_cafe_uses_images_and_view0(store, cafe_run):
 def _eval_probs(run: Path, store: Path, spec: str) -> dict[str, np.ndarray]:
     """id -> softmax of the logits evaluation computes through the store."""
     from maskfer.data import load_split
-    from maskfer.train import uses_images
 
     model, cfg, stored = load_run(run, torch.device("cpu"))
-    data, _ = load_split(str(store), spec, "test", stored["encoder"]["key"], uses_images(cfg), cfg.image_size)
+    data, _ = load_split(str(store), spec, "test", stored["encoder"]["key"], cfg.method_spec.needs_images, cfg.image_size)
     probs = torch.softmax(predict_logits(model, data, cfg.image_size, torch.device("cpu")), 1).numpy()
     return dict(zip(data.ids.tolist(), probs))
 

@@ -37,7 +37,7 @@ def test_stats_come_from_the_training_rows_and_are_saved_in_the_run(store, tmp_p
     run = tmp_path / "run"
     cfg = mf.small_cfg(store, method="linear-head", feature_norm="standardize", val_split="holdout:0.3", epochs=2)
     tr = Trainer(cfg, run, progress=False, log=mf.quiet)
-    mean, std = feature_stats(tr.train_data.feats)           # holdout rows excluded, both views
+    mean, std = feature_stats(tr.data.train_data.feats)           # holdout rows excluded, both views
     tr.run()
     sd, _, _ = rundir.load_checkpoint(run / rundir.LAST)
     torch.testing.assert_close(sd["feat_norm.mean"], mean)
@@ -45,8 +45,8 @@ def test_stats_come_from_the_training_rows_and_are_saved_in_the_run(store, tmp_p
     model, _, _ = load_run(run, torch.device("cpu"))
     torch.testing.assert_close(model.feat_norm.mean, mean)
     # evaluation runs the standardization: logits equal fc on standardized features
-    logits = predict_logits(model, tr.train_data, cfg.image_size, torch.device("cpu"))
-    z = (tr.train_data.feats[:, 0] - mean) / std
+    logits = predict_logits(model, tr.data.train_data, cfg.image_size, torch.device("cpu"))
+    z = (tr.data.train_data.feats[:, 0] - mean) / std
     torch.testing.assert_close(logits, (z @ sd["fc.weight"].T + sd["fc.bias"]))
 
 
@@ -55,8 +55,8 @@ def test_holdout_rows_do_not_enter_the_statistics(store):
                    log=mf.quiet)
     held = Trainer(mf.small_cfg(store, method="linear-head", feature_norm="standardize", val_split="holdout:0.3"),
                    "unused", progress=False, log=mf.quiet)
-    torch.testing.assert_close(held.feat_stats[0], feature_stats(held.train_data.feats)[0])
-    assert not torch.allclose(held.feat_stats[0], full.feat_stats[0])
+    torch.testing.assert_close(held.data.feat_stats[0], feature_stats(held.data.train_data.feats)[0])
+    assert not torch.allclose(held.data.feat_stats[0], full.data.feat_stats[0])
 
 
 def test_converged_probe_is_the_same_classifier_with_or_without_feature_norm(store, tmp_path):

@@ -2,7 +2,8 @@
 
 Structural equivalence (stacked vs separate models) is checked in float64, where the fused
 kernels' different summation orders stay ~1e-15 apart, so a real mismatch cannot hide under
-float32 noise. K = 1 against the sequential Trainer is checked bit for bit in float32.
+float32 noise. K = 1 (a lone run or a group of one) against a plain reference loop with maskfer.model.cafe_loss
+is checked bit for bit in float32.
 """
 import copy
 import shutil
@@ -15,17 +16,9 @@ from maskfer import rundir
 from maskfer.config import ConfigError
 from maskfer.evaluate import evaluate_run, load_run
 from maskfer.model import BaselineModel, LinearProbe, MaskModel, cafe_loss
-from maskfer.parallel import (
-    PARALLEL_FIELDS,
-    LossSpec,
-    StackedModel,
-    check_group,
-    group_key,
-    keep_to_channels,
-    per_model_keep,
-    stacked_cafe_loss,
-    train_parallel,
-)
+from maskfer.losses import LossSpec, keep_to_channels, per_model_keep, stacked_cafe_loss
+from maskfer.parallel import PARALLEL_FIELDS, check_group, group_key, train_parallel
+from maskfer.stacking import StackedModel
 from maskfer.separation import (
     channel_groups,
     diverse_loss,
@@ -34,6 +27,8 @@ from maskfer.separation import (
     reference_group_bounds,
     reference_separation_logits,
 )
+from maskfer.batches import TrainingData, batch_bounds, epoch_generators, epoch_order
+from maskfer.model import create_model
 from maskfer.train import Trainer
 
 from maskfer_fixtures import build, make_colour_dataset, quiet, small_cfg
@@ -254,17 +249,51 @@ def _same_checkpoints(a, b, exact=True):
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
 
 
+def _reference_fit(cfg) -> dict:
+    """The readable specification of one run: ONE plain model, maskfer.model.cafe_loss (or plain CE), plain
+    Adam + ExponentialLR, the run's seeded epoch order, batches and drop draws. No stacking, no batched loss."""
+    data = TrainingData(cfg)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg, data.feat_dim, data.feat_stats)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
+    for epoch in range(cfg.epochs):
+        cpu_gen, dev_gen = epoch_generators(cfg.seed, epoch, torch.device("cpu"))
+        order = epoch_order(data.train_data.labels, cfg.balanced, cpu_gen)
+        model.train()
+        for lo, hi in batch_bounds(len(data.train_data), cfg.batch_size):
+            b = data.batch(data.train_data, order[lo:hi], True, dev_gen)
+            o = model(b.x, b.feats)
+            if cfg.method == "cafe":
+                loss, _ = cafe_loss(o, b.y, cfg.lam, cfg.beta, cfg.drop, cfg.drop_mode == "sample", cfg.separation,
+                                    cfg.diverse, generator=dev_gen, training=True)
+            else:
+                loss = F.cross_entropy(o["logits"], b.y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return model.state_dict()
+
+
 @pytest.mark.parametrize("kw,layout", [(dict(lam=0.7, beta=0.3), "loop"), (dict(lam=0.7, beta=0.3), "grouped"),
                                        (dict(method="linear-head"), "auto"),
                                        (dict(method="baseline", backbone="mobilenet_v2"), "auto"),
                                        (dict(sigmoid=False, drop_mode="batch", balanced=True), "auto")])
-def test_one_model_group_reproduces_the_sequential_trainer(store, tmp_path, kw, layout):
+def test_the_engine_with_one_model_reproduces_the_reference_loop(store, tmp_path, kw, layout):
+    """One training loop serves a lone run (train) and a group (train_parallel); with one model both must
+    compute exactly what the plain reference loop computes, bit for bit on CPU."""
     cfg = small_cfg(store, epochs=2, val_split="val", **kw)
+    expected = _reference_fit(cfg)
     Trainer(cfg, tmp_path / "seq", progress=False, log=quiet).run()
     res = train_parallel([cfg], [tmp_path / "par"], progress=False, log=quiet, layout=layout)
     assert _rows(tmp_path / "seq") == _rows(tmp_path / "par")
     assert res[0]["last"]["epoch"] == 1 and "val_acc" in res[0]["last"]
     _same_checkpoints(tmp_path / "seq", tmp_path / "par")
+    got = rundir.load_checkpoint(tmp_path / "seq" / rundir.LAST)[0]
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
 
 
 GROUP = [dict(), dict(lam=0.5, beta=1.0, drop=0, seed=3), dict(sigmoid=False, drop_mode="batch", separation=False)]
@@ -308,7 +337,7 @@ def test_interrupted_group_resumes_and_catches_up(uninterrupted, tmp_path, monke
     """crash_at 3: both runs have epoch 0 (restack, bit-exact); 4: run 1 lags and catches up alone."""
     cfgs, ref = uninterrupted
     outs = [tmp_path / f"r{i}" for i in range(2)]
-    real, calls = rundir.save_checkpoint, []
+    real, calls = rundir.save_state, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -316,10 +345,10 @@ def test_interrupted_group_resumes_and_catches_up(uninterrupted, tmp_path, monke
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(rundir, "save_checkpoint", flaky)
+    monkeypatch.setattr(rundir, "save_state", flaky)
     with pytest.raises(KeyboardInterrupt):
         train_parallel(cfgs, outs, progress=False, log=quiet)
-    monkeypatch.setattr(rundir, "save_checkpoint", real)
+    monkeypatch.setattr(rundir, "save_state", real)
     logs = []
     train_parallel(cfgs, outs, progress=False, log=logs.append)
     assert any("catching up" in m for m in logs) == (crash_at == 4)

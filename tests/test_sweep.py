@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import maskfer_fixtures as mf
+import maskfer.sweep
 from cli.maskfer_cli import main
 from maskfer import rundir
 from maskfer.config import TrainConfig
@@ -68,7 +69,7 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(Trainer, "__init__", boom)
     monkeypatch.setattr(Trainer, "run", boom)
-    monkeypatch.setattr(maskfer.parallel, "train_parallel", boom)
+    monkeypatch.setattr(maskfer.sweep, "train_parallel", boom)
 
 
 @pytest.fixture
@@ -151,11 +152,14 @@ def _toml(tmp_path, text):
 
 BAD = {
     "unknown axis": (["--grid", "lamda=1,2"], ["grid axis 'lamda' names no training option; options:", "lambda",
-                                               "drop_mode", "seed"]),
+                                               "drop-mode", "seed"]),
+    "not an axis": (["--grid", "cache=a.h5,b.h5"], ["grid axis 'cache' is not a sweep axis: one sweep has one --cache"]),
+    "negated axis": (["--grid", "no-sigmoid=true"], ["grid axis 'no-sigmoid' names no training option; set "
+                                                     "sigmoid to false"]),
     "unknown --set": (["--set", "epoch=2", "--grid", "seed=0"], ["--set option 'epoch' names no training option"]),
     "int axis, letter": (["--grid", "seed=0,a"], ["--grid seed: 'a' is not a valid int for option 'seed'"]),
     "int axis, fraction": (["--grid", "epochs=1.5"], ["'1.5' is not a valid int for option 'epochs'"]),
-    "float axis, letter": (["--grid", "lambda=x"], ["'x' is not a valid float for option 'lam'"]),
+    "float axis, letter": (["--grid", "lambda=x"], ["'x' is not a valid float for option 'lambda'"]),
     "bool axis": (["--grid", "sigmoid=maybe"], ["'maybe' is not a valid bool"]),
     "empty grid": ([], ["the grid is empty"]),
     "axis without values": (["--grid", "beta="], ["the axis 'beta' has no values"]),
@@ -220,7 +224,7 @@ def test_sweep_dir_of_another_grid_or_base_is_refused(store, tmp_path, no_traini
                                                              "base options differ in: -", "Use a new --out"]),
         (["--grid", "lambda=0.5,1.5"], ["grid differs in: seed;"]),
         ([*grid, "--set", "lr=0.001"], ["grid differs in: -; base options differ in: lr"]),
-        ([*grid, "--val-split", "holdout:0.25"], ["base options differ in: val_split"]),
+        ([*grid, "--val-split", "holdout:0.25"], ["base options differ in: val-split"]),
     ]
     for extra, needles in cases:
         _assert_clean_error(invoke(*_args(store, out, *extra)), *needles)
@@ -444,7 +448,7 @@ def test_parallel_sweep_groups_trains_together_and_summarizes(store, tmp_path, m
     def no_sequential(*a, **k):
         raise AssertionError("sequential training in a --parallel sweep")
 
-    monkeypatch.setattr(maskfer.parallel, "train_parallel", spy)
+    monkeypatch.setattr(maskfer.sweep, "train_parallel", spy)
     monkeypatch.setattr(Trainer, "run", no_sequential)
     out = tmp_path / "sw"
     summary = sweep(store, out, GRID, parallel=2)
@@ -469,7 +473,7 @@ def test_parallel_groups_split_on_non_parallel_fields(store, tmp_path, monkeypat
     import maskfer.parallel
 
     calls: list[list[TrainConfig]] = []
-    monkeypatch.setattr(maskfer.parallel, "train_parallel", lambda cfgs, outs, **kw: calls.append(list(cfgs)))
+    monkeypatch.setattr(maskfer.sweep, "train_parallel", lambda cfgs, outs, **kw: calls.append(list(cfgs)))
     monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail("sequential training"))
     sweep(store, tmp_path / "sw", {"lr": [1e-3, 2e-4], "seed": [0, 1]}, parallel=4, test=[])
     assert [[(c.lr, c.seed) for c in g] for g in calls] == [[(1e-3, 0), (1e-3, 1)], [(2e-4, 0), (2e-4, 1)]]

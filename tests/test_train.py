@@ -12,10 +12,13 @@ from safetensors import safe_open
 import maskfer_fixtures as mf
 from maskfer_fixtures import fx_base, store  # noqa: F401 - pytest fixtures
 from maskfer import rundir
-from maskfer import train as train_mod
+from maskfer import batches as batches_mod
+from maskfer import engine as engine_mod
 from maskfer.augment import augment_batch
 from maskfer.config import TrainConfig
-from maskfer.train import Trainer, TrainError, build_model, epoch_order, train
+from maskfer.batches import epoch_order
+from maskfer.model import create_model
+from maskfer.train import Trainer, TrainError, train
 
 
 VARIANTS = {
@@ -60,7 +63,7 @@ def test_every_method_and_ablation_writes_the_run_dir(store, tmp_path, variant):
     assert blob["meta"]["metrics"] == rows                    # the rows the checkpoint covers (restored on resume)
     assert blob["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr * cfg.gamma ** 2)
     model_sd, opt_sd, meta = rundir.load_checkpoint(ckpt)
-    model = build_model(cfg, 16)
+    model = create_model(cfg, 16)
     model.load_state_dict(model_sd)                       # strict: the checkpoint is complete
     if variant == "no-sigmoid":
         assert model.use_sigmoid is False
@@ -135,11 +138,11 @@ def _flipped_in_pixels(x: torch.Tensor) -> torch.Tensor:
 def test_flipped_view_is_used_exactly_when_the_image_is_flipped(store):
     cfg = mf.small_cfg(store, method="cafe", erasing=0.0)
     tr = Trainer(cfg, Path("unused"), progress=False, log=mf.quiet)
-    data = tr.train_data
+    data = tr.data.train_data
     pos = torch.arange(32)
     views = data.feats[pos]                                   # (B, 2, C)
     assert (views[:, 0] - views[:, 1]).abs().amax(1).min() > 1e-3  # the two cached views are distinguishable
-    b = tr._batch(data, pos, True, torch.Generator().manual_seed(5))
+    b = tr.data.batch(data, pos, True, torch.Generator().manual_seed(5))
     flipped = _flipped_in_pixels(b.x)
     assert 0 < int(flipped.sum()) < len(pos)                  # this seed flips some, not all
     assert torch.equal(b.feats, views[torch.arange(len(pos)), flipped.long()])
@@ -148,26 +151,26 @@ def test_flipped_view_is_used_exactly_when_the_image_is_flipped(store):
     _, flip = augment_batch(imgs, cfg.image_size, generator=torch.Generator().manual_seed(5), erase_p=0.0)
     assert torch.equal(flip, flipped)
     # evaluation batches are never flipped: view 0
-    e = tr._batch(data, pos, False, None)
+    e = tr.data.batch(data, pos, False, None)
     assert not _flipped_in_pixels(e.x).any() and torch.equal(e.feats, views[:, 0])
     # --no-flip: never flipped, always view 0
     tr.cfg.flip = False
-    nf = tr._batch(data, pos, True, torch.Generator().manual_seed(5))
+    nf = tr.data.batch(data, pos, True, torch.Generator().manual_seed(5))
     assert not _flipped_in_pixels(nf.x).any() and torch.equal(nf.feats, views[:, 0])
 
 
 def test_linear_probe_flip_picks_the_flipped_view(store):
     cfg = mf.small_cfg(store, method="linear-head")
     tr = Trainer(cfg, Path("unused"), progress=False, log=mf.quiet)
-    data = tr.train_data
+    data = tr.data.train_data
     assert data.bank is None                                  # no images needed
     pos = torch.arange(32)
-    b = tr._batch(data, pos, True, torch.Generator().manual_seed(1))
+    b = tr.data.batch(data, pos, True, torch.Generator().manual_seed(1))
     expect = torch.rand(32, generator=torch.Generator().manual_seed(1)) < 0.5
     assert 0 < int(expect.sum()) < 32
     assert torch.equal(b.feats, data.feats[pos, expect.long()])
     tr.cfg.flip = False
-    assert torch.equal(tr._batch(data, pos, True, torch.Generator().manual_seed(1)).feats, data.feats[pos, 0])
+    assert torch.equal(tr.data.batch(data, pos, True, torch.Generator().manual_seed(1)).feats, data.feats[pos, 0])
 
 
 # ---------------------------------------------------------------- resume, interrupts
@@ -196,7 +199,7 @@ def test_keyboard_interrupt_keeps_checkpoint_and_resume_matches_uninterrupted(st
                                                                                 reference_run):
     run = tmp_path / "run"
     calls = {"n": 0}
-    real = train_mod.augment_batch
+    real = batches_mod.augment_batch
 
     def interrupting(*a, **kw):
         calls["n"] += 1
@@ -204,13 +207,13 @@ def test_keyboard_interrupt_keeps_checkpoint_and_resume_matches_uninterrupted(st
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "augment_batch", interrupting)
+    monkeypatch.setattr(batches_mod, "augment_batch", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(_resume_cfg(store), run, progress=False, log=mf.quiet)
     _, _, meta = rundir.load_checkpoint(run / rundir.LAST)      # intact and loadable
     assert meta["epoch"] == 0 and len(rundir.read_metrics(run)) == 1
     assert not list(run.glob("*.tmp-*"))
-    monkeypatch.setattr(train_mod, "augment_batch", real)
+    monkeypatch.setattr(batches_mod, "augment_batch", real)
     (run / "checkpoint_last.safetensors.tmp-99999").write_bytes(b"left by a kill -9 mid-write")
     logs = []
     train(_resume_cfg(store, test=["domB"]), run, progress=False, log=logs.append)  # --test may differ on resume
@@ -224,7 +227,7 @@ def test_kill_around_the_checkpoint_write_resumes_to_identical_metrics(store, tm
                                                                        when):
     """Die just before / just after the 2nd epoch's checkpoint is written, then rerun the same config."""
     run = tmp_path / "run"
-    real = rundir.save_checkpoint
+    real = rundir.save_state
     calls = {"n": 0}
 
     def dying(*a, **kw):
@@ -235,10 +238,10 @@ def test_kill_around_the_checkpoint_write_resumes_to_identical_metrics(store, tm
         if calls["n"] == 2 and when == "after":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir, "save_checkpoint", dying)
+    monkeypatch.setattr(rundir, "save_state", dying)
     with pytest.raises(KeyboardInterrupt):
         train(_resume_cfg(store), run, progress=False, log=mf.quiet)
-    monkeypatch.setattr(rundir, "save_checkpoint", real)
+    monkeypatch.setattr(rundir, "save_state", real)
     train(_resume_cfg(store), run, progress=False, log=mf.quiet)
     _assert_same_run(run, reference_run)
 
@@ -296,8 +299,8 @@ def test_balanced_epoch_order_draws_classes_uniformly():
 
 def test_balanced_option_reaches_the_sampler(store, tmp_path, monkeypatch):
     seen = []
-    real = train_mod.epoch_order
-    monkeypatch.setattr(train_mod, "epoch_order", lambda labels, balanced, gen: seen.append(balanced) or
+    real = engine_mod.epoch_order
+    monkeypatch.setattr(engine_mod, "epoch_order", lambda labels, balanced, gen: seen.append(balanced) or
                         real(labels, balanced, gen))
     train(mf.small_cfg(store, method="linear-head", epochs=2, balanced=True), tmp_path / "run", progress=False,
           log=mf.quiet)
@@ -331,9 +334,9 @@ def test_online_features_match_cached_on_unaugmented_inputs(online_store):
     cfg = mf.small_cfg(online_store, train="on", method="cafe", image_size=48, erasing=0.0, flip=False,
                        online_encoder=True)
     tr = Trainer(cfg, Path("unused"), progress=False, log=mf.quiet)
-    pos = torch.arange(len(tr.train_data))
-    b = tr._batch(tr.train_data, pos, True, torch.Generator().manual_seed(0))
-    cached = tr.train_data.feats[pos, 0]
+    pos = torch.arange(len(tr.data.train_data))
+    b = tr.data.batch(tr.data.train_data, pos, True, torch.Generator().manual_seed(0))
+    cached = tr.data.train_data.feats[pos, 0]
     assert not torch.equal(b.feats, cached)                   # really recomputed, not the cached view
     cos = torch.nn.functional.cosine_similarity(b.feats, cached, dim=1)
     rel = (b.feats - cached).norm(dim=1) / cached.norm(dim=1)
@@ -374,10 +377,10 @@ def test_without_cached_images_training_decodes_from_the_dataset_root(tmp_path, 
     build(store, "dom", root, tiny_clip_dir, ("train", "test"), image_size=None)
     cfg = small_cfg(store, train="dom", test=["dom"], workers=2)
     trainer = Trainer(cfg, tmp_path / "run", progress=False, log=quiet)
-    bank = trainer.train_data.bank
+    bank = trainer.data.train_data.bank
     assert isinstance(bank, RootBank)
-    rows = trainer.train_data.rows[:3]
-    expected = np.stack([resize_uint8(load_image(root / i), cfg.image_size) for i in trainer.train_data.ids[:3]])
+    rows = trainer.data.train_data.rows[:3]
+    expected = np.stack([resize_uint8(load_image(root / i), cfg.image_size) for i in trainer.data.train_data.ids[:3]])
     assert np.array_equal(bank.get(rows).numpy(), expected)
     trainer.run()
     assert (tmp_path / "run" / "checkpoint_last.safetensors").exists()
@@ -388,4 +391,4 @@ def test_without_cached_images_training_decodes_from_the_dataset_root(tmp_path, 
     with pytest.raises(TrainError, match="--root"):
         Trainer(small_cfg(store, train="dom"), tmp_path / "run2", progress=False, log=quiet)
     t2 = Trainer(small_cfg(store, train="dom", root=str(moved)), tmp_path / "run2", progress=False, log=quiet)
-    assert isinstance(t2.train_data.bank, RootBank)
+    assert isinstance(t2.data.train_data.bank, RootBank)

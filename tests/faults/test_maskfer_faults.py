@@ -28,7 +28,8 @@ from maskfer.data import holdout_split, load_split
 from maskfer.evaluate import EvalError, evaluate_run
 from maskfer.parallel import train_parallel
 from maskfer.rundir import RunDirError
-from maskfer.train import TrainError, Trainer, batch_bounds, train
+from maskfer.batches import TrainingData, batch_bounds
+from maskfer.train import TrainError, Trainer, train
 
 
 def invoke(*args):
@@ -71,11 +72,11 @@ def test_batch_bounds_fold_a_lone_last_sample_into_the_previous_batch(n, batch, 
 
 
 class _BatchSpy:
-    """Records the size and positions of every TRAINING batch Trainer._batch builds (eval batches are not)."""
+    """Records the size and positions of every TRAINING batch TrainingData.batch builds (eval batches are not)."""
 
     def __init__(self, monkeypatch):
         self.sizes, self.positions = [], []
-        orig = Trainer._batch
+        orig = TrainingData.batch
 
         def spy(trainer, data, pos, train, gen):
             if train:
@@ -83,7 +84,7 @@ class _BatchSpy:
                 self.positions += pos.tolist()
             return orig(trainer, data, pos, train, gen)
 
-        monkeypatch.setattr(Trainer, "_batch", spy)
+        monkeypatch.setattr(TrainingData, "batch", spy)
 
 
 # domB:train has 21 images: batch 10 -> 10, 10, 1 (last batch of ONE after full ones); batch 20 -> 20, 1 (B + 1)
@@ -295,7 +296,7 @@ def test_non_finite_loss_stops_training_and_writes_no_checkpoint(huge_store, tmp
 
 def test_non_finite_loss_keeps_the_previous_checkpoint(store, huge_store, tmp_path, monkeypatch):
     """Epoch 1 trains on sane features; the resumed epoch 2 reads 3e38 features (--cache may change on resume)."""
-    import maskfer.train as train_mod
+    import maskfer.engine as train_mod
 
     out = tmp_path / "run"
     calls = []
@@ -332,7 +333,7 @@ def test_non_finite_loss_stops_a_parallel_group(huge_store, tmp_path):
 def test_finiteness_is_read_only_where_the_trainers_already_sync(store, tmp_path, monkeypatch):
     """The per-step check is device-side; the host reads it once per epoch (and at progress refreshes), never
     per step: with 3 steps per epoch and no progress bar, 2 epochs read it twice (per model in a group)."""
-    import maskfer.train as train_mod
+    import maskfer.engine as train_mod
 
     reads = []
     orig = train_mod.nonfinite_message
@@ -367,7 +368,7 @@ def test_predict_exits_non_zero_when_nothing_was_predicted(probe_run, fx_base, t
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert all(f"{b}: ERROR" in r.stdout for b in broken)  # each failure listed ...
     assert "error: none of the 2 image(s) could be predicted" in r.stderr  # ... and the run fails
-    r = invoke("predict", "--run", probe_run, *broken, "--out", tmp_path / "p.csv", "--device", "cpu")
+    r = invoke("predict", "--run", probe_run, *broken, "--output", tmp_path / "p.csv", "--device", "cpu")
     assert r.exit_code == 1 and (tmp_path / "p.csv").exists()
     # a partial success still exits 0, with the failure listed and a note
     r = invoke("predict", "--run", probe_run, fx_base / "domA" / "test" / "anger", broken[0], "--device", "cpu")
@@ -378,7 +379,7 @@ def test_predict_exits_non_zero_when_nothing_was_predicted(probe_run, fx_base, t
 # ---------------------------------------------------------------- 6. --test checked before training
 @pytest.fixture
 def no_epochs(monkeypatch):
-    import maskfer.train as train_mod
+    import maskfer.engine as train_mod
 
     def boom(*a, **k):
         raise AssertionError("training started")
