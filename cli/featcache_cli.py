@@ -58,6 +58,19 @@ def main():
                    "[default: cores-1, at most 8].")
 @click.option("--image-size", default=None, type=click.IntRange(8),
               help="Also store each image resized to SxS uint8, so training needs neither the root nor JPEG decoding.")
+@click.option("--preprocess", default="clip", show_default=True, type=click.Choice(["clip", "official"]),
+              help="Encoder input: clip = the encoder's own processor (resize shortest side, centre crop, CLIP "
+                   "mean/std); official = what the official CAFE code feeds CLIP: the image squashed to 224x224 "
+                   "(the model's input size), ImageNet mean/std. Part of the encoder fingerprint: the two never mix "
+                   "under one --encoder-key.")
+@click.option("--aug-views", default=0, show_default=True, type=click.IntRange(0), metavar="K",
+              help="Also store K augmented views per image (CAFE's training augmentation: flip, random erasing, "
+                   "Gaussian noise; featcache/views.py), encoded from the cached images (--image-size S, or the "
+                   "size the store caches) with the parameter rows stored beside them. Rerun with a larger K to add "
+                   "views; stored ones are kept.")
+@click.option("--aug-seed", default=0, show_default=True, type=click.IntRange(0),
+              help="Seed of the augmented views: a view is a pure function of (seed, image id, view index). Must "
+                   "match the views already stored.")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="Bad images and label rows: stop with a message, or record them in the store and go on.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -68,11 +81,12 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def build(ctx, dataset, root, out, old_out, model, name, encoder_key, batch_size, device, precision, workers, image_size,
-          on_error, params, max_pixels, quiet):
+          preprocess, aug_views, aug_seed, on_error, params, max_pixels, quiet):
     """Encode every image of a dataset once (image + horizontal flip) into the store.
 
-    Adds only what is missing: a new dataset, a new encoder, a new image size. A build that
-    is interrupted (Ctrl-C, kill -9, power loss) resumes where it stopped when run again.
+    Adds only what is missing: a new dataset, a new encoder, a new image size, more augmented
+    views. A build that is interrupted (Ctrl-C, kill -9, power loss) resumes where it stopped
+    when run again.
 
     \b
     Examples:
@@ -80,6 +94,8 @@ def build(ctx, dataset, root, out, old_out, model, name, encoder_key, batch_size
       featcache build --dataset rafdb --root RAF-DB/basic --cache features.h5 --image-size 112
       featcache build --dataset my_manifest.toml --root my_data --model ./my-clip-checkpoint
       featcache build --dataset ferplus --root ferplus --model efficientnet-lite0 --cache effnet.h5
+      featcache build --dataset ferplus --root ferplus --cache features.h5 --image-size 112 --aug-views 8
+      featcache build --dataset ferplus --root ferplus --cache official.h5 --image-size 112 --preprocess official
     """
     out, note = pick_renamed(ctx, "out", out, old_out, "--out", "--cache")
 
@@ -90,16 +106,25 @@ def build(ctx, dataset, root, out, old_out, model, name, encoder_key, batch_size
         r = build_store(out, dataset, root, model=model, name=name, encoder_key=encoder_key,
                         batch_size=batch_size, device=device, workers=workers, image_size=image_size,
                         on_error=on_error, params=parse_overrides(params), precision=precision,
-                        progress=not quiet, max_pixels=max_pixels or None,
+                        progress=not quiet, max_pixels=max_pixels or None, preprocess=preprocess,
+                        aug_views=aug_views, aug_seed=aug_seed,
                         log=lambda m: err_console.print(m, highlight=False, markup=False))
         if r.up_to_date:
             click.echo(f"{out}: dataset {r.dataset!r} with encoder {r.encoder_key!r} is already complete "
-                       f"({r.rows} rows); nothing to do.")
+                       f"({r.rows} rows" + (f", {r.aug_views} augmented views" if r.aug_views else "")
+                       + "); nothing to do.")
+            if r.aug_note:
+                click.echo(f"note: {r.aug_note}")
             return
         click.echo(f"{out}: dataset {r.dataset!r}: {r.rows} rows, encoder {r.encoder_key!r}"
                    + (f", images {r.image_size}px" if r.image_size else "")
                    + f"; encoded {r.encoded_now} now" + (f", {r.resumed_from} resumed" if r.resumed_from else "")
                    + f" in {r.seconds:.1f}s")
+        if r.aug_added:
+            click.echo(f"augmented views: {r.aug_views} per image ({r.aug_added} added: {r.aug_encoded_now} encoded now"
+                       + (f", {r.aug_resumed_from} resumed" if r.aug_resumed_from else "") + ")")
+        elif r.aug_note:
+            click.echo(f"note: {r.aug_note}")
         if r.dropped:
             click.echo("dropped (outside the 7 classes or unlabelled): "
                        + ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items())))
@@ -119,7 +144,8 @@ def build(ctx, dataset, root, out, old_out, model, name, encoder_key, batch_size
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(file, as_json):
-    """Summarise a store: datasets, rows per split and class, encoders, dims, image sizes.
+    """Summarise a store: datasets, rows per split and class, encoders (dims, preprocessing mode,
+    augmented views: K, seed, recipe), image sizes.
 
     \b
     Example:
@@ -163,7 +189,15 @@ def _print_summary(summary):
         con.print(t)
         for key, e in d["encoders"].items():
             con.print(f"  encoder [bold]{escape(key)}[/]: " + escape(f"{e['model']}  dim {e['dim']}  {e['dtype']}  views {e['views']}  "
-                      f"computed in {e['precision']}  fingerprint {e['fingerprint']}"), highlight=False)
+                      f"computed in {e['precision']}  preprocess {e.get('preprocess', 'clip')}  "
+                      f"fingerprint {e['fingerprint']}"), highlight=False)
+            a = e.get("aug_views")
+            if a:
+                from featcache.views import recipe_text
+
+                con.print("    " + escape(f"augmented views: {a['views']} per image, rendered from the {a['image_size']}px "
+                                          f"cached images at {a['input_size']}px; {recipe_text(a, a['seed'])}"),
+                          highlight=False)
         if not d["encoders"]:
             con.print("  no encoder features yet")
         con.print(f"  cached image sizes: {d['image_sizes'] or 'none'}")
@@ -183,8 +217,8 @@ def _print_summary(summary):
               help="Let the re-encode check import a plug-in encoder ('module:factory' or entry point) named in the "
                    "store. Off by default: a store may come from anyone, and that would run its code.")
 def verify(file, sample, root, device, trust_plugins):
-    """Check a store: ids unique, labels valid, no NaN/inf, shapes, every row against its checksum,
-    and a re-encoded sample matches.
+    """Check a store: ids unique, labels valid, no NaN/inf, shapes, every row against its checksum
+    (augmented views included), augmented-view parameters against their seed, and a re-encoded sample matches.
 
     Exits 1 when a check fails. A check that cannot run (root or model unavailable) is shown as
     'not checked' and does not fail.

@@ -4,12 +4,18 @@ Flow: manifest listing -> what the store lacks (dataset rows, this encoder's fea
 cached images) -> DataLoader workers decode + preprocess (overlapped with the encoder)
 -> encoder forward on the image and its horizontal flip -> journal shards (crash-safe)
 -> one commit that writes a new copy of the store and renames it over the old one.
+
+Augmented views (``aug_views=K``, `--aug-views K`) are a second stage with its own journal and commit:
+the cached images of the (now published) store -> ``featcache.views.apply_params`` with the rows of
+``view_params(ids, views, recipe, seed)`` at the encoder's input size -> ``tensor_preprocess`` -> the
+encoder -> journal shards -> a commit that adds views K0..K-1 beside the features.
 """
 from __future__ import annotations
 
 import errno
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -28,13 +34,15 @@ from torch.utils.data import DataLoader, Dataset
 import featcache
 from featcache import store as st
 from featcache.devices import DeviceError, resolve_device
-from featcache.encoders import Encoder, create_encoder, fingerprint
+from featcache.encoders import Encoder, EncoderError, create_encoder, fingerprint, preprocess_mode
+from featcache.encoders.batched import input_size, tensor_preprocess
 from featcache.errors import FerError
 from featcache.images import DEFAULT_MAX_PIXELS, ImageError, load_image, resize_uint8
 from featcache.journal import Journal, _fsync_dir, discard, pending_plans, store_lock
 from featcache.manifests import Item, list_items, load_manifest, manifest_record
 from featcache.progress import progress_bar
 from featcache.taxonomy import CLASSES
+from featcache.views import OFFICIAL, PARAMS, Recipe, apply_params, image_keys, recipe_text, view_params
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 # A shard is written every flush interval or at this size, whichever comes first: on a fast GPU
@@ -59,6 +67,11 @@ class BuildReport:
     dropped: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
     seconds: float = 0.0
+    aug_views: int = 0            # augmented views the store holds for (dataset, key) after the build
+    aug_added: int = 0            # of which added by this build
+    aug_encoded_now: int = 0      # (image, view) pairs encoded by this run
+    aug_resumed_from: int = 0     # (image, view) pairs found in the journal of an interrupted run
+    aug_note: str = ""            # why no view was added, when asked for
 
 
 # --------------------------------------------------------------------------- workers
@@ -153,11 +166,23 @@ def _default_workers() -> int:
 
 
 @dataclass
+class _AugState:
+    """The augmented views stored for one encoder key (attributes of ``encoders/<key>/aug_features``)."""
+    views: int
+    seed: int
+    recipe: dict
+    image_size: int
+    fp: str
+
+
+@dataclass
 class _Existing:
     dataset_rows: list[str] | None = None  # stored ids, when the dataset is already there
     manifest_sha: str | None = None
     encoder_fp: dict[str, str] = field(default_factory=dict)
+    encoder_mode: dict[str, str] = field(default_factory=dict)   # key -> preprocessing mode (clip, official)
     image_sizes: list[int] = field(default_factory=list)
+    aug: dict[str, _AugState] = field(default_factory=dict)
 
 
 def _read_existing(out: Path, ds_name: str) -> _Existing:
@@ -175,6 +200,13 @@ def _read_existing(out: Path, ds_name: str) -> _Existing:
             ex.dataset_rows = g["ids"].asstr()[()].tolist()
             ex.manifest_sha = g.attrs.get("manifest_sha256")
             ex.encoder_fp = {k: g["encoders"][k].attrs["fingerprint"] for k in g["encoders"]}
+            for k, eg in g["encoders"].items():
+                ex.encoder_mode[k] = preprocess_mode(st._attr(eg.attrs.get("metadata", "{}")) or {})
+                d = eg.get(st.AUG_FEATURES)
+                if isinstance(d, h5py.Dataset):
+                    a = {name: st._attr(v) for name, v in d.attrs.items()}
+                    ex.aug[k] = _AugState(int(d.shape[1]), int(a.get("seed", 0)), dict(a.get("recipe") or {}),
+                                          int(a.get("image_size", 0)), ex.encoder_fp[k])
             ex.image_sizes = [int(k) for k in g["images"]]
     return ex
 
@@ -188,8 +220,19 @@ def _drop_committed_journals(out: Path, ds_name: str, ex: _Existing) -> None:
     if ex.dataset_rows is None:
         return
     for plan_dir, plan in pending_plans(out):
-        if (plan.get("dataset") == ds_name and plan.get("manifest_sha256") == ex.manifest_sha
-                and plan.get("encoder") in (None, *ex.encoder_fp.values())
+        if plan.get("dataset") != ds_name or plan.get("manifest_sha256") != ex.manifest_sha:
+            continue
+        if plan.get("stage") == AUG_STAGE:
+            # An augmented-view journal is dead once the store holds views it cannot extend: its commit went
+            # through (the store now has more views than its first one), or views of another seed, recipe,
+            # source size or encoder were stored since (this one would be refused).
+            a = ex.aug.get(plan.get("key"))
+            if a is not None and (a.views != plan.get("first_view") or a.fp != plan.get("encoder")
+                                  or a.seed != plan.get("seed") or a.recipe != plan.get("recipe")
+                                  or a.image_size != plan.get("image_size")):
+                discard(out, plan_dir)
+            continue
+        if (plan.get("encoder") in (None, *ex.encoder_fp.values())
                 and plan.get("image_size") in (None, *ex.image_sizes)):
             discard(out, plan_dir)
 
@@ -310,11 +353,19 @@ def build_store(
     flush_seconds: float | None = None,
     log=print,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    preprocess: str = "clip",
+    aug_views: int = 0,
+    aug_seed: int = 0,
+    aug_recipe: Recipe | None = None,
 ) -> BuildReport:
     """Add ``dataset`` (features of ``model``, optionally images) to the store ``out``.
 
     Adds only what is missing; resumes an interrupted build of the same plan. Images of more than
     ``max_pixels`` pixels (None or 0: no limit) are not decoded: they fail like any broken image.
+    ``preprocess``: the encoder's input mode, ``"clip"`` (its own processor) or ``"official"`` (the official
+    CAFE input; featcache/encoders/modes.py). ``aug_views=K``: also store K augmented views per image
+    (``aug_seed``, ``aug_recipe``, default ``featcache.views.OFFICIAL``), rendered from the cached images
+    (``image_size`` or a size the store caches); views already stored are kept, only the missing ones added.
     """
     t0 = time.perf_counter()
     if on_error not in ("fail", "skip"):
@@ -324,6 +375,9 @@ def build_store(
     if encoder_key is not None:
         check_name(encoder_key, "encoder key", "from --encoder-key")
     out, root = Path(out), Path(root)
+    if int(aug_views) < 0 or int(aug_seed) < 0:
+        raise BuildError(f"aug_views and aug_seed must be >= 0 (got {aug_views}, {aug_seed})")
+    recipe = aug_recipe or OFFICIAL
     if flush_seconds is None:
         flush_seconds = float(os.environ.get("FEATCACHE_FLUSH_SECONDS", "10"))
     manifest = load_manifest(dataset, params)
@@ -338,7 +392,7 @@ def build_store(
         dev = resolve_device(device)
     except DeviceError as e:
         raise BuildError(str(e)) from None
-    enc = create_encoder(model, device=str(dev))
+    enc = create_encoder(model, device=str(dev), preprocess=preprocess)  # EncoderError where the mode cannot apply
     key = encoder_key or enc.name
     check_name(key, "encoder key", f"the name of encoder {model!r}; store it under another one with --encoder-key")
     fp = fingerprint(enc.metadata)
@@ -370,18 +424,29 @@ def build_store(
                 )
             work_items = [by_id[i] for i in ex.dataset_rows]
         if key in ex.encoder_fp and ex.encoder_fp[key] != fp:
+            modes = (ex.encoder_mode.get(key, "clip"), preprocess_mode(enc.metadata))
+            why = (f": they were made with --preprocess {modes[0]}, this build asks for --preprocess {modes[1]}"
+                   if modes[0] != modes[1] else "")
             raise BuildError(
                 f"{out} already holds features for {ds_name!r} under encoder key {key!r} made by another "
-                f"encoder or processor (fingerprint {ex.encoder_fp[key]}, --model {model!r} gives {fp}). "
+                f"encoder or processor (fingerprint {ex.encoder_fp[key]}, --model {model!r} gives {fp}){why}. "
                 f"Pass --encoder-key NEW_KEY to store these features side by side."
             )
         need_feats = key not in ex.encoder_fp
         need_images = bool(image_size) and image_size not in ex.image_sizes
-        if not (new_dataset or need_feats or need_images):
+        aug_size = _check_aug(out, ds_name, key, enc, ex, int(aug_views), int(aug_seed), recipe, image_size,
+                              report) if aug_views else None
+        if not (new_dataset or need_feats or need_images or aug_size):
             report.up_to_date, report.rows = True, len(work_items)
             report.seconds = time.perf_counter() - t0
             return report
         _check_writable(out)
+        if not (new_dataset or need_feats or need_images):  # only views to add
+            report.rows = len(work_items)
+            _build_aug(out, ds_name, key, enc, fp, dev, precision, int(aug_views), int(aug_seed), recipe, aug_size,
+                       batch_size, flush_seconds, progress, log, report)
+            report.seconds = time.perf_counter() - t0
+            return report
 
         plan = {
             "dataset": ds_name,
@@ -409,6 +474,9 @@ def build_store(
         _commit(out, journal, manifest, root, ds_name, work_items, new_dataset, listing.dropped, problems,
                 key if need_feats else None, enc, fp, precision, dev, image_size if need_images else None, report)
         journal.remove()
+        if aug_size:  # the views are rendered from the cached images that the commit above just published
+            _build_aug(out, ds_name, key, enc, fp, dev, precision, int(aug_views), int(aug_seed), recipe, aug_size,
+                       batch_size, flush_seconds, progress, log, report)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -562,3 +630,194 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
         raise
     report.rows = int(ok.sum())
     report.skipped = list(problems) + failed
+
+
+# --------------------------------------------------------------------------- augmented views
+AUG_STAGE = "aug-views"  # the "stage" of an augmented-view journal's plan (the feature build's plans have none)
+
+
+def _check_aug(out: Path, ds_name: str, key: str, enc: Encoder, ex: _Existing, views: int, seed: int,
+               recipe: Recipe, image_size: int | None, report: BuildReport) -> int | None:
+    """Before anything is encoded: the cached image size the views are rendered from, or None when the store
+    already holds ``views`` of them (noted in the report). Refuses what cannot be built or would not fit."""
+    stored = ex.aug.get(key)
+    if stored is not None:
+        report.aug_views = stored.views
+        want = {"seed": seed, "recipe": recipe.to_dict()}
+        have = {"seed": stored.seed, "recipe": stored.recipe}
+        if want != have:
+            what = "--aug-seed" if stored.recipe == want["recipe"] else "recipe"
+            fix = (f"pass --aug-seed {stored.seed} to add views to the stored ones, or "
+                   if what == "--aug-seed" else "")
+            raise BuildError(
+                f"{out} already holds {stored.views} augmented views of {ds_name!r} (encoder {key!r}) drawn with "
+                f"{recipe_text(stored.recipe, stored.seed)}; this build asks for {recipe_text(want['recipe'], seed)}. "
+                f"Views of another {what} cannot join them: {fix}build these views into a new --cache.")
+        if views <= stored.views:
+            report.aug_note = (f"the store already holds {stored.views} augmented views (>= --aug-views {views}); "
+                               "none added")
+            return None
+        return stored.image_size
+    if image_size:
+        size = int(image_size)
+    elif len(ex.image_sizes) == 1:
+        size = ex.image_sizes[0]
+    elif ex.image_sizes:
+        sizes = ", ".join(map(str, sorted(ex.image_sizes)))
+        raise BuildError(
+            f"--aug-views: dataset {ds_name!r} in {out} caches images of sizes {sizes}; "
+            "pass --image-size S to choose the size the augmented views are rendered from (train maskfer with "
+            "that size's cached images, so its CNN sees the same augmentation)")
+    else:
+        where = f"dataset {ds_name!r} in {out} has none" if ex.dataset_rows is not None else "none are being cached"
+        raise BuildError(
+            f"--aug-views needs cached images (the views are rendered from them, and maskfer re-applies each view to "
+            f"the same cached image), but {where}: add --image-size S to this command, e.g. --image-size 112")
+    try:
+        tensor_preprocess(enc)
+        input_size(enc)
+    except EncoderError as e:
+        raise BuildError(f"--aug-views: {e}") from None
+    return size
+
+
+def _ids_hash(ids) -> str:
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(str(i).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def _build_aug(out: Path, ds_name: str, key: str, enc: Encoder, fp: str, dev: torch.device, precision: str,
+               views: int, seed: int, recipe: Recipe, size: int, batch_size: int, flush_seconds: float,
+               progress: bool, log, report: BuildReport) -> None:
+    """Encode views K0..views-1 of every row from the store's cached ``size`` px images, journal them and
+    commit. Work item ``t`` of the journal is (view K0 + t // n, row t % n), so a rerun with a larger K resumes
+    the same journal and only adds the items it lacks."""
+    with h5py.File(out, "r") as f:
+        g = f["datasets"][ds_name]
+        ids = g["ids"].asstr()[()]
+        manifest_sha = g.attrs.get("manifest_sha256")
+        d = g["encoders"][key].get(st.AUG_FEATURES)
+        k0 = int(d.shape[1]) if isinstance(d, h5py.Dataset) else 0
+    n, insize = len(ids), input_size(enc)
+    plan = {"stage": AUG_STAGE, "dataset": ds_name, "manifest_sha256": manifest_sha, "ids": _ids_hash(ids),
+            "encoder": fp, "key": key, "first_view": k0, "seed": seed, "recipe": recipe.to_dict(),
+            "image_size": size, "input_size": insize, "tool_version": featcache.__version__}
+    journal = Journal(out, plan)
+    journal.open()
+    m = (views - k0) * n
+    done = journal.done_mask(m)
+    report.aug_resumed_from = int(done.sum())
+    if report.aug_resumed_from:
+        log(f"resuming: {report.aug_resumed_from}/{m} augmented views already encoded in {journal.dir}")
+    todo = np.flatnonzero(~done)
+    v_rel, rows = np.divmod(todo, n)
+    todo = todo[np.lexsort((v_rel, rows))]  # row by row, every view of a row together: each image is read once
+    if len(todo):
+        report.aug_encoded_now = _run_aug(out, ds_name, enc, dev, precision, ids, k0, views, seed, recipe, size,
+                                          insize, todo, journal, batch_size, flush_seconds, progress)
+    _commit_aug(out, journal, ds_name, key, n, k0, views, seed, recipe, size, insize, enc, dev, precision)
+    journal.remove()
+    report.aug_views, report.aug_added = views, views - k0
+
+
+def _run_aug(out, ds_name, enc, dev, precision, ids, k0, views, seed, recipe, size, insize, todo, journal,
+             batch_size, flush_seconds, progress) -> int:
+    n = len(ids)
+    keys = image_keys(ids)
+    params = torch.cat([view_params(keys, range(k, k + 1), recipe, seed) for k in range(k0, views)], 1)
+    prep = tensor_preprocess(enc)
+    ctx, _ = _autocast(dev, precision)
+    seq = journal.next_seq()
+    pending: list[dict] = []
+    pending_bytes, encoded = 0, 0
+    last_flush = time.monotonic()
+
+    def flush():
+        nonlocal seq, pending, pending_bytes, last_flush
+        if pending:
+            journal.write_shard(seq, **{k: np.concatenate([p[k] for p in pending]) for k in pending[0]})
+            seq += 1
+            pending, pending_bytes = [], 0
+        last_flush = time.monotonic()
+
+    with h5py.File(out, "r") as f, progress_bar(f"augmented views {ds_name}", total=len(todo),
+                                                  enabled=progress) as advance:
+        images = f["datasets"][ds_name]["images"][str(size)]
+        try:
+            for start in range(0, len(todo), batch_size):
+                t = todo[start:start + batch_size]
+                v_rel, rows = np.divmod(t, n)
+                p = params[torch.from_numpy(rows), torch.from_numpy(v_rel)]
+                x = torch.from_numpy(st._take(images, rows)).to(dev, non_blocking=True)
+                with torch.inference_mode():
+                    pix = prep(apply_params(x, p, insize, recipe.noise_std))
+                    with ctx:
+                        feats = enc.module(pix)
+                rec = {"idx": t, "feats": feats.float().cpu().numpy(), "params": p.numpy()}
+                pending.append(rec)
+                pending_bytes += sum(a.nbytes for a in rec.values())
+                encoded += len(t)
+                advance(len(t))
+                if time.monotonic() - last_flush >= flush_seconds or pending_bytes >= SHARD_BYTES:
+                    flush()
+        finally:
+            flush()  # on any exit, a finished batch is never lost
+    return encoded
+
+
+def _commit_aug(out, journal, ds_name, key, n, k0, views, seed, recipe, size, insize, enc, dev, precision) -> None:
+    """A new copy of the store with views k0..views-1 added (earlier views untouched), renamed over the old one."""
+    m = (views - k0) * n
+    covered = np.zeros(m, dtype=bool)
+    for path in journal.shard_paths():
+        with np.load(path, allow_pickle=False) as z:
+            idx = z["idx"]
+            covered[idx[idx < m]] = True
+    if not covered.all():  # every item is encoded before the commit: this is a bug, never a user error
+        raise BuildError(f"internal error: {int((~covered).sum())} augmented views of {ds_name!r} are missing from "
+                         f"the journal {journal.dir}; run the same command again")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(out, tmp)
+        with _open_for_commit(tmp) as f:
+            st.init_file(f, featcache.__version__)
+            eg = f["datasets"][ds_name]["encoders"][key]
+            if st.AUG_FEATURES not in eg:
+                st.create_aug(eg, n, enc.dim, len(PARAMS), dtype=eg["features"].dtype)
+            st.grow_aug(eg, views)
+            arrays = {"feats": (eg[st.AUG_FEATURES], eg[st.AUG_CRC[st.AUG_FEATURES]]),
+                      "params": (eg[st.AUG_PARAMS], eg[st.AUG_CRC[st.AUG_PARAMS]])}
+            for path in journal.shard_paths():  # one shard in memory at a time
+                with np.load(path, allow_pickle=False) as z:
+                    idx = z["idx"]
+                    keep = idx < m  # a journal resumed with a smaller K holds views beyond it
+                    v_rel, rows = np.divmod(idx[keep], n)
+                    data = {k: z[k][keep] for k in arrays}
+                for v in np.unique(v_rel):
+                    sel = np.flatnonzero(v_rel == v)
+                    sel = sel[np.argsort(rows[sel], kind="stable")]
+                    r = rows[sel]
+                    where = slice(int(r[0]), int(r[-1]) + 1) if r[-1] - r[0] + 1 == len(r) else r
+                    for k, (dset, crc) in arrays.items():
+                        a = data[k][sel].astype(dset.dtype, copy=False)
+                        dset[where, k0 + int(v)] = a
+                        crc[where, k0 + int(v)] = st.row_crc32(a)
+            fd = eg[st.AUG_FEATURES]
+            for k, v in {"recipe": json.dumps(recipe.to_dict(), sort_keys=True), "seed": int(seed),
+                         "views": int(views), "image_size": int(size), "input_size": int(insize),
+                         "params": json.dumps(list(PARAMS)), "compute_precision": _autocast(dev, precision)[1],
+                         "device": dev.type, "tool_version": featcache.__version__,
+                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
+                fd.attrs[k] = v
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)  # the rename must be on disk before the journal is deleted
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        code = _h5_errno(e) if isinstance(e, (OSError, RuntimeError)) else None
+        if code and not isinstance(e, OSError):  # h5py reports some write failures as RuntimeError
+            raise OSError(code, os.strerror(code), str(tmp)) from None
+        raise

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from featcache.build import encode_views
-from featcache.encoders import UntrustedSpecError, create_encoder, fingerprint
+from featcache.encoders import UntrustedSpecError, create_encoder, fingerprint, preprocess_mode
 from featcache.images import ImageError, load_image
 from featcache.manifests import list_items, manifest_from_record
-from featcache.store import Store, bad_rows, checksums_of
+from featcache.store import AUG_FEATURES, AUG_PARAMS, Store, bad_rows, checksums_of
 from featcache.taxonomy import CLASSES
+from featcache.views import PARAMS, Recipe, image_keys, view_params
 
 
 def summarize(store: Store) -> dict:
@@ -29,9 +30,12 @@ def summarize(store: Store) -> dict:
         encs = {}
         for key in ds.encoders():
             info = ds.encoder_info(key)
+            aug = ds.aug_recipe(key)
             encs[key] = {"model": info.get("spec", ""), "dim": int(info["dim"]), "dtype": info["dtype"],
                          "views": info["views"], "fingerprint": info["fingerprint"],
-                         "precision": info.get("compute_precision", "")}
+                         "precision": info.get("compute_precision", ""),
+                         "preprocess": preprocess_mode(info.get("metadata") or {}),
+                         "aug_views": aug}  # None, or K, seed, source/input size and recipe
         a = ds.attrs
         out["datasets"][name] = {
             "rows": len(ds), "manifest": a.get("manifest_name"), "manifest_sha256": a.get("manifest_sha256"),
@@ -72,11 +76,54 @@ def verify(store: Store, sample: int = 8, root: str | None = None, device: str =
                             "ok" if not nonfinite else f"{nonfinite} rows with NaN/inf, first {ids[first]}"))
             results.append((f"{name}/{key}: shape", d.shape == (len(ds), 2, int(info["dim"])), str(d.shape)))
             results.append(_checksums(f"{name}/{key}: features checksums", d, ids))
+            if ds.aug_views(key):
+                results.extend(_aug_checks(ds, key, int(info["dim"]), ids))
             if reencode and sample:
                 results.append(_reencode(ds, key, info, sample, root, device, seed, atol, trust_plugins))
         for size in ds.image_sizes():
             results.append(_checksums(f"{name}/images/{size}: checksums", ds.group["images"][str(size)], ids))
     return results
+
+
+def _aug_checks(ds, key: str, dim: int, ids, block: int = 4096) -> list[tuple[str, bool | None, str]]:
+    """The augmented views of one encoder: shapes, finite, every (row, view) against its CRC-32, and the
+    parameter rows against ``view_params`` of the ids (they are a pure function of seed, id and view)."""
+    eg = ds.group["encoders"][key]
+    f, p = eg[AUG_FEATURES], eg[AUG_PARAMS]
+    a = ds.aug_recipe(key)
+    k, n = f.shape[1], len(ds)
+    tag = f"{ds.name}/{key}: augmented views"
+    rows = [(f"{tag} shape", f.shape == (n, k, dim) and p.shape == (n, k, len(PARAMS)),
+             f"features {f.shape}, params {p.shape}")]
+    nonfinite = first = 0
+    mismatch, first_bad = 0, None
+    try:
+        recipe = Recipe.from_dict({kk: a[kk] for kk in Recipe().to_dict()})
+    except (KeyError, TypeError) as e:
+        recipe = None
+        rows.append((f"{tag} recipe", False, f"the stored recipe cannot be read ({e}): {a}"))
+    for start in range(0, n, block):
+        blk = f[start:start + block]
+        bad = np.flatnonzero(~np.isfinite(blk).all(axis=(1, 2)))
+        if bad.size and not nonfinite:
+            first = start + int(bad[0])
+        nonfinite += bad.size
+        if recipe is not None:
+            want = view_params(image_keys(ids[start:start + block]), range(k), recipe, a["seed"]).numpy()
+            diff = np.flatnonzero((p[start:start + block] != want).any(axis=(1, 2)))
+            if diff.size and first_bad is None:
+                first_bad = start + int(diff[0])
+            mismatch += diff.size
+    rows.append((f"{tag} finite", nonfinite == 0,
+                 "ok" if not nonfinite else f"{nonfinite} rows with NaN/inf, first {ids[first]}"))
+    if recipe is not None:
+        rows.append((f"{tag} params", mismatch == 0,
+                     f"{n} x {k} rows equal view_params of their ids (seed {a['seed']})"
+                     if not mismatch else f"{mismatch} rows differ from view_params of their ids (seed {a['seed']}), "
+                     f"first row {first_bad} ({ids[first_bad]}): the parameters do not match their seed"))
+    rows.append(_checksums(f"{tag} features checksums", f, ids))
+    rows.append(_checksums(f"{tag} params checksums", p, ids))
+    return rows
 
 
 def _checksums(check: str, d, ids) -> tuple[str, bool | None, str]:
@@ -85,8 +132,8 @@ def _checksums(check: str, d, ids) -> tuple[str, bool | None, str]:
     if crc is None:
         return (check, None, f"not checked: {d.name} has no checksums (written by a featcache before "
                              "per-row checksums); rebuild the store into a new --cache to add them")
-    if crc.shape != (d.shape[0],):
-        return (check, False, f"{crc.name} has shape {crc.shape}, expected ({d.shape[0]},): the store is damaged")
+    if crc.shape != d.shape[:crc.ndim] or crc.ndim > 2:
+        return (check, False, f"{crc.name} has shape {crc.shape}, expected {d.shape[:crc.ndim]}: the store is damaged")
     bad, errors = bad_rows(d, crc)
     if not bad.size:
         return (check, True, f"{d.shape[0]} rows ok")
@@ -105,7 +152,8 @@ def _reencode(ds, key, info, sample, root, device, seed, atol, trust_plugins=Fal
     try:
         # The spec is whatever the store's writer put there: a plug-in is imported only on --trust-plugins.
         enc = create_encoder(info["spec"], device=device, trust_plugins=trust_plugins,
-                             source=f"{ds.store.path} (attribute 'spec' of /datasets/{ds.name}/encoders/{key})")
+                             source=f"{ds.store.path} (attribute 'spec' of /datasets/{ds.name}/encoders/{key})",
+                             preprocess=preprocess_mode(info.get("metadata") or {}))
     except UntrustedSpecError as e:
         return (check, None, f"not checked: {e}")
     except Exception as e:  # noqa: BLE001 - any load failure only means "cannot check"

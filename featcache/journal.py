@@ -118,10 +118,13 @@ class Journal:
         return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
 
     def done_mask(self, n: int) -> np.ndarray:
+        """Work items 0..n-1 that a shard holds; items >= n (an augmented-view journal resumed with a smaller
+        --aug-views) are left out."""
         done = np.zeros(n, dtype=bool)
         for p in self.shard_paths():
             with np.load(p) as z:
-                done[z["idx"]] = True
+                idx = z["idx"]
+                done[idx[idx < n]] = True
         return done
 
     def write_shard(self, seq: int, **arrays: np.ndarray) -> Path:

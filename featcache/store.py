@@ -25,6 +25,10 @@ VIEWS = ("orig", "flip")
 # Per-row CRC-32 checksums (optional in v1: stores written before them have none; see docs/store_format.md)
 FEATURES_CRC = "features_crc32"   # encoders/<key>/features_crc32 (n,) uint32, beside encoders/<key>/features
 IMAGES_CRC = "images_crc32"       # images_crc32/<S> (n,) uint32, beside images/<S>
+# Augmented views (optional in v1: `featcache build --aug-views K`; a store without them has 0 views)
+AUG_FEATURES = "aug_features"     # encoders/<key>/aug_features (n, K, C), the features' dtype
+AUG_PARAMS = "aug_params"         # encoders/<key>/aug_params (n, K, len(featcache.views.PARAMS)) float32
+AUG_CRC = {AUG_FEATURES: "aug_features_crc32", AUG_PARAMS: "aug_params_crc32"}  # (n, K) uint32, one per view row
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -101,6 +105,24 @@ def create_images(g: h5py.Group, size: int, n: int) -> h5py.Dataset:
     return g["images"].create_dataset(str(size), shape=(n, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3))
 
 
+def create_aug(eg: h5py.Group, n: int, dim: int, n_params: int, dtype=np.float32
+               ) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """Empty ``aug_features`` (n, 0, C) and ``aug_params`` (n, 0, P) with their checksums (n, 0), all growable
+    along the views axis (``grow_aug``), chunked one view per chunk so that adding views rewrites nothing."""
+    rows = max(1, min(n, 4096))
+    for name, width, dt in ((AUG_FEATURES, dim, dtype), (AUG_PARAMS, n_params, np.float32)):
+        eg.create_dataset(name, shape=(n, 0, width), maxshape=(n, None, width), dtype=dt, chunks=(rows, 1, width))
+        eg.create_dataset(AUG_CRC[name], shape=(n, 0), maxshape=(n, None), dtype=np.uint32, chunks=(rows, 1))
+    return eg[AUG_FEATURES], eg[AUG_PARAMS]
+
+
+def grow_aug(eg: h5py.Group, views: int) -> None:
+    """Resize the views axis of the augmented-view arrays (and their checksums) to ``views``."""
+    for name, crc in AUG_CRC.items():
+        eg[name].resize(views, axis=1)
+        eg[crc].resize(views, axis=1)
+
+
 def row_crc32(a: np.ndarray) -> np.ndarray:
     """CRC-32 (zlib) of each row's bytes, C order, little-endian: ``(len(a),)`` uint32."""
     a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
@@ -112,6 +134,8 @@ def checksums_of(d: h5py.Dataset) -> h5py.Dataset | None:
     leaf = d.name.rsplit("/", 1)[1]
     if leaf == "features":  # encoders/<key>/features; image arrays are named by their size
         c = d.parent.get(FEATURES_CRC)
+    elif leaf in AUG_CRC:   # encoders/<key>/aug_features, aug_params: one checksum per (row, view)
+        c = d.parent.get(AUG_CRC[leaf])
     else:
         c = d.parent.parent.get(f"{IMAGES_CRC}/{leaf}")
     return c if isinstance(c, h5py.Dataset) else None
@@ -119,8 +143,11 @@ def checksums_of(d: h5py.Dataset) -> h5py.Dataset | None:
 
 def bad_rows(d: h5py.Dataset, crc: h5py.Dataset, block_bytes: int = 64 << 20) -> tuple[np.ndarray, list[str]]:
     """Rows of ``d`` whose bytes do not match their stored CRC-32, reading every row once in blocks
-    (memory stays flat). A block HDF5 cannot read at all counts as bad, and its error is returned."""
+    (memory stays flat). A block HDF5 cannot read at all counts as bad, and its error is returned.
+    ``crc`` is ``(n,)`` (one per row) or ``(n, K)`` (one per row of each view: the augmented views);
+    a row is bad when any of its checksums is."""
     n = d.shape[0]
+    lead = crc.ndim  # axes of d that the checksums index
     row_bytes = max(1, int(np.prod(d.shape[1:], dtype=np.int64)) * d.dtype.itemsize)
     step = max(1, block_bytes // row_bytes)
     if d.chunks:
@@ -130,12 +157,14 @@ def bad_rows(d: h5py.Dataset, crc: h5py.Dataset, block_bytes: int = 64 << 20) ->
     for start in range(0, n, step):
         stop = min(n, start + step)
         try:
-            got = row_crc32(d[start:stop])
+            block = d[start:stop]
+            got = row_crc32(block.reshape((-1,) + block.shape[lead:])).reshape(block.shape[:lead])
         except (OSError, RuntimeError, ValueError) as e:  # unreadable chunk: a damaged file
             bad.append(np.arange(start, stop))
             errors.append(f"rows {start}..{stop - 1} unreadable ({str(e).splitlines()[0]})")
             continue
-        bad.append(start + np.flatnonzero(got != want[start:stop]))
+        mismatch = got != want[start:stop]
+        bad.append(start + np.flatnonzero(mismatch.reshape(len(mismatch), -1).any(axis=1)))
     return (np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)), errors
 
 
@@ -330,6 +359,42 @@ class DatasetView:
         vi = [VIEWS.index(v) for v in views]
         arr = d[()] if indices is None else _take(d, np.asarray(indices))
         return np.ascontiguousarray(arr[:, vi, :])
+
+    # ---- augmented views (featcache build --aug-views K)
+    def _aug(self, key: str, name: str) -> h5py.Dataset:
+        d = self._encoder_group(key).get(name)
+        if not isinstance(d, h5py.Dataset):
+            raise StoreError(
+                f"dataset {self.name!r} in {self.store.path} has no augmented views of encoder {key!r}; add them with "
+                f"`featcache build --dataset ... --cache {self.store.path} --aug-views K` (same --model)")
+        return d
+
+    def aug_views(self, key: str) -> int:
+        """How many augmented views ``K`` encoder ``key`` has for every row (0: none)."""
+        d = self._encoder_group(key).get(AUG_FEATURES)
+        return int(d.shape[1]) if isinstance(d, h5py.Dataset) else 0
+
+    def aug_features(self, key: str, indices: np.ndarray | None = None) -> np.ndarray:
+        """Features of the augmented views ``(n, K, C)`` (the features' dtype, float32) for the given rows."""
+        d = self._aug(key, AUG_FEATURES)
+        return d[()] if indices is None else _take(d, np.asarray(indices))
+
+    def aug_params(self, key: str, indices: np.ndarray | None = None) -> np.ndarray:
+        """Parameter rows ``(n, K, len(featcache.views.PARAMS))`` float32 that made each view (``apply_params``)."""
+        d = self._aug(key, AUG_PARAMS)
+        return d[()] if indices is None else _take(d, np.asarray(indices))
+
+    def aug_recipe(self, key: str) -> dict | None:
+        """How the views were drawn, None without views: the recipe (``Recipe.to_dict()`` keys) plus ``seed``,
+        ``views`` (K), ``image_size`` (the cached image size S the views were rendered from: maskfer must
+        re-apply a row to ``images(S)`` for the noise to match) and ``input_size`` (the size the encoder's
+        input was rendered at). ``Recipe.from_dict({k: v for k in recipe fields})`` rebuilds the recipe."""
+        d = self._encoder_group(key).get(AUG_FEATURES)
+        if not isinstance(d, h5py.Dataset):
+            return None
+        a = {k: _attr(v) for k, v in d.attrs.items()}
+        return {**a.get("recipe", {}), "seed": int(a.get("seed", 0)), "views": int(d.shape[1]),
+                "image_size": int(a.get("image_size", 0)), "input_size": int(a.get("input_size", 0))}
 
     # ---- images
     def image_sizes(self) -> list[int]:

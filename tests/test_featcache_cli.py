@@ -69,7 +69,8 @@ def test_info_json(store, tiny_clip_dir):
             assert d["splits"][split] == {"total": sum(want.values()), **want}
         assert set(d["splits"]) == {it.split for it in items}
         assert d["encoders"] == {"tiny-clip": {"model": str(tiny_clip_dir), "dim": 16, "dtype": "float32",
-                                               "views": ["orig", "flip"], "fingerprint": fp, "precision": "fp32"}}
+                                               "views": ["orig", "flip"], "fingerprint": fp, "precision": "fp32",
+                                               "preprocess": "clip", "aug_views": None}}
         assert d["image_sizes"] == [8]
     raf = info["datasets"]["rafdb"]
     assert raf["splits"]["train"]["total"] == 4 and raf["splits"]["test"]["total"] == 4

@@ -14,6 +14,7 @@ import os
 from typing import Callable
 
 from featcache.encoders import hf_clip, plugin
+from featcache.encoders.modes import check_mode, preprocess_mode, with_preprocess_mode
 # Shared with the backends; re-exported here, where they were defined before base.py existed.
 from featcache.encoders.base import (Encoder, EncoderError, UntrustedSpecError, freeze, json_clean,  # noqa: F401
                                      sha256_files, sha256_state_dict)
@@ -44,7 +45,7 @@ def list_encoders() -> list[str]:
 
 
 def create_encoder(spec: str | os.PathLike, device: str = "cpu", *, trust_plugins: bool = True,
-                   source: str | None = None) -> Encoder:
+                   source: str | None = None, preprocess: str = "clip") -> Encoder:
     """Build the frozen encoder named by ``spec`` on ``device`` (module moved there, eval, no grads).
 
     ``trust_plugins=False`` is for specs read from a file someone else may have written (a store's
@@ -52,8 +53,14 @@ def create_encoder(spec: str | os.PathLike, device: str = "cpu", *, trust_plugin
     then raises :class:`UntrustedSpecError` BEFORE anything is imported; ``source`` names that file
     and field in the message. Registered names and Hugging Face ids / local directories are data and
     load either way (transformers' ``trust_remote_code`` is always off).
+
+    ``preprocess`` is the input mode (featcache/encoders/modes.py): ``"clip"``, the encoder's own
+    preprocessing, or ``"official"``, the official CAFE input (squashed, ImageNet mean/std), recorded in
+    ``metadata["preprocess"]``. To re-create the encoder of a store, pass
+    ``preprocess=preprocess_mode(stored_metadata)``.
     """
     spec = os.fspath(spec)
+    check_mode(preprocess)
     if not trust_plugins and spec not in _REGISTRY:
         plugin.refuse_untrusted(spec, source)
     if spec in _REGISTRY:
@@ -64,7 +71,7 @@ def create_encoder(spec: str | os.PathLike, device: str = "cpu", *, trust_plugin
         enc = plugin.from_factory(factory, spec, name=spec, origin=f"entry point {spec!r}")
     else:
         enc = hf_clip.load_clip(spec, known=list_encoders())  # transformers is imported only in there
-    return freeze(enc, device)
+    return freeze(with_preprocess_mode(enc, preprocess), device)
 
 
 # Processor keys that name a class rather than change pixels; the same settings saved by another
@@ -77,8 +84,12 @@ def fingerprint(metadata: dict) -> str:
     """First 16 hex of sha256 over the canonical JSON of the fields that decide the features.
 
     The spec/model string is left out on purpose: the same checkpoint at another path matches.
+    The input mode (``metadata["preprocess"]``) is covered unless it is ``clip``, the default: a store
+    built before modes existed (no such field) keeps its fingerprint, and an ``official`` one differs.
     """
     fields = {k: metadata.get(k) for k in FINGERPRINT_FIELDS}
+    if preprocess_mode(metadata) != "clip":
+        fields["preprocess"] = metadata["preprocess"]
     proc = fields["processor"]
     if isinstance(proc, dict):
         fields["processor"] = {k: v for k, v in proc.items() if k not in _PROCESSOR_NOISE and not k.startswith("_")}
