@@ -5,7 +5,9 @@
 "Kernels" means the whole CAFE regulariser in one forward+backward: draw the per-sample channel
 drop mask, compute the separation logits on the dropped features and their CE, compute the
 diverse loss, then backpropagate ``1.5 * sep + 5 * div`` to the masked features. The reference
-does the same with Python loops over groups (maskfer.separation.reference_*).
+does the same with Python loops over groups (maskfer.separation.reference_*). Both pooling
+modes are timed: "official" (the paper's code and the default: windows of 73 on channels
+0..510, a free view) and "balanced" (the 6 x 73 + 74 mask groups, one gather).
 
 The training step is MaskModel(resnet18) forward + cafe_loss + backward + SGD step on
 already-normalised float images (no data loading or augmentation). On CPU a 224 px step of 256
@@ -80,22 +82,25 @@ def kernel_fns(batch: int, channels: int, device: torch.device) -> dict:
     x = torch.randn(batch, channels, device=device, generator=gen).requires_grad_()
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=gen)
 
-    def vectorised():
-        out = separation_losses(x, y, NUM_CLASSES, drop=DROP, per_sample=True, generator=gen)
-        (LAM * out.sep_loss + BETA * out.div_loss).backward()
-        x.grad = None
+    def vectorised(groups):
+        def run():
+            out = separation_losses(x, y, NUM_CLASSES, drop=DROP, per_sample=True, generator=gen, groups=groups)
+            (LAM * out.sep_loss + BETA * out.div_loss).backward()
+            x.grad = None
+        return run
 
-    def with_mask(make_keep):
+    def with_mask(make_keep, groups="official"):
         def run():
             keep = make_keep()
-            sep = F.cross_entropy(reference_separation_logits(x, NUM_CLASSES, keep), y)
-            (LAM * sep + BETA * reference_diverse_loss(x, NUM_CLASSES)).backward()
+            sep = F.cross_entropy(reference_separation_logits(x, NUM_CLASSES, keep, groups), y)
+            (LAM * sep + BETA * reference_diverse_loss(x, NUM_CLASSES, groups)).backward()
             x.grad = None
         return run
 
     per_group = with_mask(lambda: reference_drop_mask(batch, channels, NUM_CLASSES, DROP, generator=gen, device=device))
     per_sample = with_mask(lambda: original_style_drop_mask(batch, channels, device))
-    return {"vectorised": vectorised, "per-group": per_group, "per-sample": per_sample}
+    return {"vectorised": vectorised("official"), "vectorised-balanced": vectorised("balanced"),
+            "per-group": per_group, "per-sample": per_sample}
 
 
 def drop_mask_fns(batch: int, channels: int, device: torch.device) -> dict:
@@ -141,10 +146,12 @@ def main() -> None:
     ms = lambda t: f"{t * 1e3:8.3f} ms"  # noqa: E731
     print(f"torch {torch.__version__} on {name}")
     print(f"[kernels] per-sample channel drop ({DROP}/group) + separation CE + diverse loss, forward+backward; "
-          f"B={batch}, C={channels}, L={NUM_CLASSES} (groups 6x73 + 74); median of {args.repeats}, interleaved, "
-          "after 10 warm-up")
+          f"B={batch}, C={channels}, L={NUM_CLASSES} (drop groups 6x73 + 74; official windows 7x73); "
+          f"median of {args.repeats}, interleaved, after 10 warm-up")
     t = median_seconds(kernel_fns(batch, channels, device), device, 10, args.repeats)
-    print(f"  vectorised (maskfer.separation.separation_losses)       B={batch}: {ms(t['vectorised'])}")
+    print(f"  vectorised (maskfer.separation.separation_losses)       B={batch}: {ms(t['vectorised'])}"
+          "   (official windows, the default)")
+    print(f"  vectorised, groups='balanced' (gather of 6x73 + 74)    B={batch}: {ms(t['vectorised-balanced'])}")
     print(f"  per-group reference (loops over the 7 groups)          B={batch}: {ms(t['per-group'])}"
           f"   speed-up {t['per-group'] / t['vectorised']:5.1f}x (goal >= 10x)")
     print(f"  per-sample original-style Mask() (loops over B and L)  B={batch}: {ms(t['per-sample'])}"
@@ -159,7 +166,7 @@ def main() -> None:
     print(f"[training step] MaskModel(resnet18) forward + cafe_loss + backward + SGD step on float images; "
           f"batch {step_batch} at {step_size} px, C={channels}; median of {step_repeats} after 2 warm-up")
     print(f"  full step                                   B={step_batch}, {step_size} px: {step * 1e3:8.1f} ms")
-    for key in ("vectorised", "per-group"):
+    for key in ("vectorised", "vectorised-balanced", "per-group"):
         print(f"  {key + ' kernels':<42}  B={step_batch}:         {ms(small[key])} = {100 * small[key] / step:5.2f}% of the step")
 
 

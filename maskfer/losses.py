@@ -2,9 +2,11 @@
 
 ``stacked_cafe_loss`` is CAFE's ``CE + lam * sep + beta * div`` for K stacked models (outputs
 (B, K, ...)); ``maskfer.model.cafe_loss`` is its readable one-model specification and the test
-oracle (tests/test_parallel.py checks them equal). ``stacked_ce`` is the plain cross-entropy of
-the other epoch-trained methods. Per-model settings are (K,) tensors: no Python loop over
-models, samples, channels or classes.
+oracle (tests/test_parallel.py and tests/test_official_loss.py check them equal). The pooling
+mode (``LossSpec.groups``: "official", the paper's code, or "balanced"; see maskfer.separation)
+is shared by the models of a group; the drop is always drawn over the mask groups.
+``stacked_ce`` is the plain cross-entropy of the other epoch-trained methods. Per-model
+settings are (K,) tensors: no Python loop over models, samples, channels or classes.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from maskfer.config import TrainConfig
-from maskfer.separation import ChannelGroups, channel_groups
+from maskfer.separation import ChannelGroups, channel_groups, check_grouping, pool_divisor, pooled, pooled_keep
 
 
 @dataclass
@@ -36,11 +38,23 @@ class LossSpec:
     draw_drops: list[int]
     draw_sample: list[bool]
     slots: list[int]
+    groups: str = "official"
+
+    def __post_init__(self) -> None:
+        check_grouping(self.groups)
 
     @classmethod
     def from_configs(cls, cfgs: list[TrainConfig], slots: list[int] | None = None) -> "LossSpec":
-        """``cfgs``: the whole group; ``slots``: the positions being trained (default: all)."""
+        """``cfgs``: the whole group; ``slots``: the positions being trained (default: all).
+
+        The pooling mode is ``cfg.groups`` ("official" when a config has no such field); it is a
+        shared setting, so configurations that disagree are refused.
+        """
         slots = list(range(len(cfgs))) if slots is None else list(slots)
+        modes = {getattr(c, "groups", "official") for c in cfgs}
+        if len(modes) > 1:
+            raise ValueError(f"the models of one group must share the pooling mode, got groups {sorted(modes)}")
+        groups = check_grouping(modes.pop())
         cafe = cfgs[0].method_spec.loss == "cafe"
         eff = [c.drop if cafe and c.separation else 0 for c in cfgs]
         smp = [c.drop_mode == "sample" for c in cfgs]
@@ -49,7 +63,7 @@ class LossSpec:
                    drops=[eff[i] for i in slots], sample=[smp[i] for i in slots],
                    use_sep=[cafe and cfgs[i].separation for i in slots],
                    use_div=[cafe and cfgs[i].diverse for i in slots],
-                   draw_drops=eff, draw_sample=smp, slots=slots)
+                   draw_drops=eff, draw_sample=smp, slots=slots, groups=groups)
 
     @property
     def k(self) -> int:
@@ -129,15 +143,6 @@ def keep_to_channels(keep: torch.Tensor, groups: ChannelGroups) -> torch.Tensor:
     return keep[:, :, valid]
 
 
-def _grouped(x: torch.Tensor, groups: ChannelGroups) -> torch.Tensor:
-    """(B, K, C) -> (B, K, L, g_max)."""
-    b, k = x.shape[:2]
-    if groups.equal_sizes:
-        return x.view(b, k, groups.num_classes, groups.max_size)
-    flat_index, _, _ = groups.tensors_on(x.device)
-    return x.index_select(2, flat_index).view(b, k, groups.num_classes, groups.max_size)
-
-
 def stacked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-model mean cross-entropy: logits (B, K, L), y (B,) -> (K,).
 
@@ -156,8 +161,10 @@ def stacked_cafe_loss(out: dict[str, torch.Tensor], y: torch.Tensor, spec: LossS
                       keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-model CAFE objectives ``CE + lam_k * sep_k + beta_k * div_k`` -> totals (K,) and parts.
 
-    Model k's total equals ``maskfer.model.cafe_loss`` with its own settings on its slice of
-    ``out`` given the same drop mask. ``keep`` (rows or B, K, L, g_max) overrides the drawn mask.
+    Model k's total equals ``maskfer.model.cafe_loss`` with its own settings (and ``spec.groups``)
+    on its slice of ``out`` given the same drop mask. A "batch" model (``sample`` False) uses one
+    pattern for the whole batch. ``keep`` overrides the drawn mask, whenever given: a 0/1 mask in
+    mask-group layout (rows, K, L, g_max) or in channel layout (rows, K, C), rows = B or 1.
     parts: "ce", "total" and, when any model uses them, "sep" / "div" (each (K,), detached;
     a model that does not use a part has its value computed but weighted 0).
     """
@@ -169,23 +176,27 @@ def stacked_cafe_loss(out: dict[str, torch.Tensor], y: torch.Tensor, spec: LossS
         masked = out["masked"]
         b, k, c = masked.shape
         t = spec.tensors(masked.device, masked.dtype)
+        mode = spec.groups
         groups = channel_groups(c, logits.shape[2])
-        grouped = _grouped(masked, groups)
+        windows = pooled(masked, groups, mode)                                    # (B, K, L, P)
         if use_sep:
-            if keep is None and training and max(spec.draw_drops) > 0:
+            if keep is not None:
+                keep = (pooled(keep.to(masked.dtype), groups, mode) if keep.dim() == 3
+                        else pooled_keep(keep, groups, mode))
+            elif training and max(spec.draw_drops) > 0:
                 rows = b if any(spec.draw_sample) else 1
                 keep = per_model_keep(rows, groups, spec.draw_drops, generator, masked.device, masked.dtype,
                                       slots=None if spec.slots == list(range(len(spec.draw_drops))) else spec.slots,
                                       equal_path=len(set(spec.draw_drops)) == 1, tensors=t)
                 if rows > 1 and not all(spec.sample):  # "batch" models share row 0's pattern
                     keep = torch.where(t["sample"].view(1, k, 1, 1), keep, keep[:1])
-            sep_logits = (grouped * keep).amax(dim=3) if keep is not None else grouped.amax(dim=3)
+                keep = pooled_keep(keep, groups, mode)
+            sep_logits = (windows * keep).amax(dim=3) if keep is not None else windows.amax(dim=3)
             sep = stacked_ce(sep_logits, y)
             total = total + t["lam"] * sep
             parts["sep"] = sep.detach()
         if use_div:
-            _, _, sizes = groups.tensors_on(masked.device)
-            div = 1.0 - (grouped.amax(dim=3) / sizes.to(grouped.dtype)).mean(dim=(0, 2))
+            div = 1.0 - (windows.amax(dim=3) / pool_divisor(groups, mode, masked.device, masked.dtype)).mean(dim=(0, 2))
             total = total + t["beta"] * div
             parts["div"] = div.detach()
     parts["total"] = total.detach()

@@ -115,12 +115,18 @@ class MaskModel(nn.Module):
 
 def cafe_loss(out: dict[str, torch.Tensor], y: torch.Tensor, lam: float = 1.5, beta: float = 5.0,
               drop: int = 10, per_sample_drop: bool = True, use_sep: bool = True, use_div: bool = True,
-              generator: torch.Generator | None = None, training: bool = True
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              generator: torch.Generator | None = None, training: bool = True, groups: str = "official",
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CAFE's objective: ``CE(logits) + lam * CE(sep_logits) + beta * div`` (paper: lam 1.5, beta 5).
 
-    Channel drop (``drop`` per group, see maskfer.separation) applies only when
+    Channel drop (``drop`` per mask group, see maskfer.separation) applies only when
     ``training`` is True; pass ``training=model.training`` so evaluation losses never drop.
+    ``per_sample_drop`` True draws a pattern per sample; False ONE pattern for the whole batch
+    (``--drop-mode batch``, the original ``Mask(nb_batch)``). ``groups`` ("official", the
+    paper's code, or "balanced") picks the pooling windows of the separation logits and the
+    diverse loss. ``keep`` (B or 1, C), a given 0/1 channel mask, replaces the random drop
+    whenever given (as ``maskfer.losses.stacked_cafe_loss``'s ``keep``). The diverse loss
+    always sees the un-dropped features.
     ``generator`` (optional, for reproducible drop patterns) must be on the features' device.
     Returns the total and a dict of detached parts ("ce", "sep", "div", "total"), kept as
     tensors so logging does not force a device sync every step.
@@ -134,12 +140,12 @@ def cafe_loss(out: dict[str, torch.Tensor], y: torch.Tensor, lam: float = 1.5, b
     num_classes = out["logits"].shape[1]
     if use_sep:
         sep = separation_losses(masked, y, num_classes, drop=drop, per_sample=per_sample_drop,
-                                training=training, generator=generator)
+                                training=training, generator=generator, groups=groups, keep=keep)
         total = total + lam * sep.sep_loss
         parts["sep"] = sep.sep_loss.detach()
         div = sep.div_loss
     elif use_div:
-        div = diverse_loss(masked, num_classes)
+        div = diverse_loss(masked, num_classes, groups=groups)
     if use_div:
         total = total + beta * div
         parts["div"] = div.detach()

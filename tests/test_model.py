@@ -24,6 +24,40 @@ def test_forward_outputs_and_sigmoid_mask(r18_model):
         r18_model(images, torch.randn(3, 2, 512))
 
 
+@pytest.mark.parametrize("use_sigmoid", [True, False])
+def test_mask_is_the_sigmoid_of_the_mask_logits(use_sigmoid):
+    """masked = sigmoid(M) * F with M the mask CNN's output (read by a hook), not sigmoid(-M) or 1 - sigmoid(M);
+    the ablation uses M itself."""
+    torch.manual_seed(0)
+    model = MaskModel("resnet18", feat_dim=512, use_sigmoid=use_sigmoid)
+    seen = {}
+    handle = model.mask_map.register_forward_hook(lambda mod, inp, out: seen.__setitem__("m", out.detach()))
+    feats = torch.randn(3, 512)
+    out = model(torch.randn(3, 3, 32, 32), feats)
+    handle.remove()
+    m = seen["m"]
+    assert m.shape == (3, 512) and m.abs().max() > 0.1
+    expected = torch.sigmoid(m) if use_sigmoid else m
+    torch.testing.assert_close(out["mask"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(out["masked"], expected * feats)
+    torch.testing.assert_close(out["logits"], model.fc(expected * feats))
+
+
+def test_cafe_loss_given_keep(r18_model):
+    out = r18_model(torch.randn(4, 3, 32, 32), torch.randn(4, 512))
+    y = torch.tensor([0, 1, 2, 6])
+    keep = torch.ones(1, 512)
+    keep[0, ::7] = 0
+    for groups in ("official", "balanced"):
+        for training in (True, False):  # a given mask is applied whenever given
+            _, parts = cafe_loss(out, y, groups=groups, keep=keep, training=training)
+            expected = F.cross_entropy(reference_separation_logits(out["masked"], 7, keep, groups), y)
+            assert torch.allclose(parts["sep"], expected)
+            assert torch.allclose(parts["div"], diverse_loss(out["masked"], 7, groups))
+    with pytest.raises(ValueError, match="keep must be"):
+        cafe_loss(out, y, keep=torch.ones(2, 512))
+
+
 def test_cafe_loss_parts_and_gradients_reach_backbone(r18_model):
     r18_model.zero_grad()
     images, feats, y = torch.randn(4, 3, 32, 32), torch.randn(4, 512), torch.tensor([0, 1, 2, 6])

@@ -1,15 +1,22 @@
-"""The vectorised separation kernels against the per-group reference, and their invariants."""
+"""The vectorised separation kernels against the per-group reference, and their invariants.
+
+Both pooling modes ("official": windows of C // L from channel 0, the remainder never pooled,
+divisor C // L; "balanced": the mask groups themselves) are checked against the loops."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from maskfer.separation import (
+    GROUPINGS,
     channel_groups,
     diverse_loss,
+    pooled,
+    pooled_keep,
     random_drop_mask,
     reference_diverse_loss,
     reference_drop_mask,
     reference_group_bounds,
+    reference_pool_bounds,
     reference_separation_logits,
     separation_logits,
     separation_losses,
@@ -34,6 +41,34 @@ def test_groups_cover_every_channel_once(c, l, drop):
 
 def test_paper_group_sizes():
     assert channel_groups(512, 7).sizes == (73,) * 6 + (74,)
+    assert channel_groups(512, 7).window == 73
+    assert reference_pool_bounds(512, 7, "official") == [(73 * k, 73 * (k + 1)) for k in range(7)]  # 511 left out
+    assert reference_pool_bounds(512, 7, "balanced")[-1] == (438, 512)
+
+
+@pytest.mark.parametrize("c,l,drop", SHAPES)
+@pytest.mark.parametrize("groups", GROUPINGS)
+def test_pooled_windows_are_views_of_the_right_channels(c, l, drop, groups):
+    cg = channel_groups(c, l)
+    x = torch.arange(c, dtype=torch.float64).expand(3, c)
+    windows = pooled(x, cg, groups)
+    bounds = reference_pool_bounds(c, l, groups)
+    for k, (s, e) in enumerate(bounds):
+        assert set(windows[0, k].tolist()) == set(range(s, e))
+    if groups == "official" or cg.equal_sizes:
+        assert windows.shape == (3, l, c // l) and windows.data_ptr() == x.data_ptr()  # no copy
+    # The keep mask in mask-group layout sliced to the windows is the keep of the windows' channels.
+    keep = random_drop_mask(3, c, l, drop, generator=torch.Generator().manual_seed(c))
+    kg = torch.stack([torch.stack([keep[:, s + (j if j < e - s else 0)] for j in range(cg.max_size)], 1)
+                      for s, e in reference_group_bounds(c, l)], 1)  # padding repeats the first channel, as the gather
+    assert torch.equal(pooled_keep(kg, cg, groups) * windows, pooled(keep * x, cg, groups))
+
+
+def test_unknown_grouping_is_refused():
+    with pytest.raises(ValueError, match="groups must be one of"):
+        separation_losses(torch.randn(2, 14), torch.tensor([0, 1]), 7, groups="paper")
+    with pytest.raises(ValueError, match="groups must be one of"):
+        diverse_loss(torch.randn(2, 14), 7, groups="")
 
 
 @pytest.mark.parametrize("c,l,drop", SHAPES)
@@ -73,17 +108,18 @@ def test_drop_too_large_is_refused():
 
 
 @pytest.mark.parametrize("c,l,drop", SHAPES)
-def test_fast_equals_reference_forward_and_backward(c, l, drop):
+@pytest.mark.parametrize("groups", GROUPINGS)
+def test_fast_equals_reference_forward_and_backward(c, l, drop, groups):
     gen = torch.Generator().manual_seed(c + l)
     x = torch.randn(6, c, generator=gen, dtype=torch.float64)
     keep = reference_drop_mask(6, c, l, drop, generator=gen).double()
     y = torch.randint(0, l, (6,), generator=gen)
     for mask in (None, keep):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        fast = separation_logits(xa, l, mask)
-        ref = reference_separation_logits(xb, l, mask)
+        fast = separation_logits(xa, l, mask, groups)
+        ref = reference_separation_logits(xb, l, mask, groups)
         assert torch.allclose(fast, ref)
-        div_fast, div_ref = diverse_loss(xa, l), reference_diverse_loss(xb, l)
+        div_fast, div_ref = diverse_loss(xa, l, groups), reference_diverse_loss(xb, l, groups)
         assert torch.allclose(div_fast, div_ref)
         (F.cross_entropy(fast, y) + 5 * div_fast).backward()
         (F.cross_entropy(ref, y) + 5 * div_ref).backward()
@@ -92,35 +128,50 @@ def test_fast_equals_reference_forward_and_backward(c, l, drop):
 
 @pytest.mark.parametrize("c,l,drop", SHAPES)
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_fused_losses_equal_reference_given_their_mask(c, l, drop, per_sample):
+@pytest.mark.parametrize("groups", GROUPINGS)
+def test_fused_losses_equal_reference_given_their_mask(c, l, drop, per_sample, groups):
     # Mostly negative features, so dropped zeros often win: checks that padding slots (set to 0
     # in the grouped drop mask) never change a group's max or gradient.
     gen = torch.Generator().manual_seed(c * l)
     x = (torch.randn(8, c, generator=gen, dtype=torch.float64) - 1.5).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     y = torch.randint(0, l, (8,), generator=gen)
-    out = separation_losses(x, y, l, drop=drop, per_sample=per_sample, generator=gen)
+    out = separation_losses(x, y, l, drop=drop, per_sample=per_sample, generator=gen, groups=groups)
     keep = out.keep
     assert keep.shape == ((8, c) if per_sample else (1, c))
     dropped = torch.zeros(keep.shape[0], l, dtype=keep.dtype).index_add_(1, channel_groups(c, l).group_of, 1 - keep)
     assert (dropped == drop).all()
-    ref_logits = reference_separation_logits(x_ref, l, keep)
-    ref_sep, ref_div = F.cross_entropy(ref_logits, y), reference_diverse_loss(x_ref, l)
+    ref_logits = reference_separation_logits(x_ref, l, keep, groups)
+    ref_sep, ref_div = F.cross_entropy(ref_logits, y), reference_diverse_loss(x_ref, l, groups)
     assert torch.allclose(out.sep_logits, ref_logits)
     assert torch.allclose(out.sep_loss, ref_sep) and torch.allclose(out.div_loss, ref_div)
     (1.5 * out.sep_loss + 5 * out.div_loss).backward()
     (1.5 * ref_sep + 5 * ref_div).backward()
     assert torch.allclose(x.grad, x_ref.grad)
+    # The same mask given as keep= reproduces the draw exactly, training or not.
+    for training in (True, False):
+        again = separation_losses(x.detach(), y, l, drop=drop, training=training, groups=groups, keep=keep)
+        assert torch.equal(again.sep_logits, out.sep_logits) and torch.equal(again.keep, keep)
 
 
-def test_separation_losses_uses_drop_only_in_training():
+@pytest.mark.parametrize("groups", GROUPINGS)
+def test_separation_losses_uses_drop_only_in_training(groups):
     x, y = torch.randn(4, 512), torch.randint(0, 7, (4,))
-    train = separation_losses(x, y, 7, drop=10, training=True, generator=torch.Generator().manual_seed(0))
+    train = separation_losses(x, y, 7, drop=10, training=True, generator=torch.Generator().manual_seed(0),
+                              groups=groups)
     assert train.keep is not None and train.keep.shape == (4, 512)
-    assert torch.allclose(train.sep_logits, reference_separation_logits(x, 7, train.keep))
-    evaluation = separation_losses(x, y, 7, drop=10, training=False)
+    assert torch.allclose(train.sep_logits, reference_separation_logits(x, 7, train.keep, groups))
+    evaluation = separation_losses(x, y, 7, drop=10, training=False, groups=groups)
     assert evaluation.keep is None
-    assert torch.equal(evaluation.sep_logits, reference_separation_logits(x, 7))
+    assert torch.equal(evaluation.sep_logits, reference_separation_logits(x, 7, None, groups))
+
+
+def test_given_keep_shape_is_checked():
+    x, y = torch.randn(4, 512), torch.randint(0, 7, (4,))
+    with pytest.raises(ValueError, match="keep must be"):
+        separation_losses(x, y, 7, keep=torch.ones(3, 512))
+    with pytest.raises(ValueError, match="keep must be"):
+        separation_losses(x, y, 7, keep=torch.ones(4, 511))
 
 
 def test_dropped_zero_can_win_like_the_original():
@@ -128,20 +179,36 @@ def test_dropped_zero_can_win_like_the_original():
     x = -torch.ones(1, 10)
     keep = torch.ones(1, 10)
     keep[0, 0] = 0
-    assert separation_logits(x, 3, keep)[0].tolist() == [0.0, -1.0, -1.0]
+    for groups in GROUPINGS:
+        assert separation_logits(x, 3, keep, groups)[0].tolist() == [0.0, -1.0, -1.0]
+    # The never-pooled remainder channel: dropping it changes nothing when official, but does when balanced.
+    keep = torch.ones(1, 10)
+    keep[0, 9] = 0
+    assert separation_logits(x, 3, keep, "official")[0].tolist() == [-1.0, -1.0, -1.0]
+    assert separation_logits(x, 3, keep, "balanced")[0].tolist() == [-1.0, -1.0, 0.0]
 
 
 def test_diverse_loss_hand_made_values():
     # 512/7: groups of 73 (x6) and 74. Group max m everywhere -> 1 - mean(m / g_k).
-    x = torch.zeros(2, 512)
-    assert diverse_loss(x, 7).item() == pytest.approx(1.0)
-    x[:, 0] = 73.0  # group 0 reaches its size: contributes 1, others 0
-    assert diverse_loss(x, 7).item() == pytest.approx(1 - 1 / 7)
+    for groups in GROUPINGS:
+        x = torch.zeros(2, 512)
+        assert diverse_loss(x, 7, groups).item() == pytest.approx(1.0)
+        x[:, 0] = 73.0  # group 0 reaches its size: contributes 1, others 0
+        assert diverse_loss(x, 7, groups).item() == pytest.approx(1 - 1 / 7)
     full = torch.cat([torch.full((1, 438), 73.0), torch.full((1, 74), 74.0)], dim=1)
-    assert diverse_loss(full, 7).item() == pytest.approx(0.0, abs=1e-6)
+    assert diverse_loss(full, 7, "balanced").item() == pytest.approx(0.0, abs=1e-6)
+    # official: every window is divided by 73, so the last window (max 74) gives 74/73
+    assert diverse_loss(full, 7, "official").item() == pytest.approx(1 - (6 + 74 / 73) / 7, abs=1e-6)
+    # official: channel 511 is in no window
+    x = torch.zeros(1, 512)
+    x[0, 511] = 1000.0
+    assert diverse_loss(x, 7, "official").item() == 1.0
+    assert diverse_loss(x, 7, "balanced").item() == pytest.approx(1 - 1000 / 74 / 7)
     # 10/3: sizes 3, 3, 4; maxima 1, 2, 3 -> 1 - (1/3 + 2/3 + 3/4) / 3
     x = torch.tensor([[1.0, 0, 0, 0, 2, 0, 0, 0, 0, 3]])
-    assert diverse_loss(x, 3).item() == pytest.approx(1 - (1 / 3 + 2 / 3 + 3 / 4) / 3)
+    assert diverse_loss(x, 3, "balanced").item() == pytest.approx(1 - (1 / 3 + 2 / 3 + 3 / 4) / 3)
+    # official 10/3: windows 0-2, 3-5, 6-8 of width 3; channel 9 is never pooled -> maxima 1, 2, 0
+    assert diverse_loss(x, 3, "official").item() == pytest.approx(1 - (1 / 3 + 2 / 3 + 0) / 3)
 
 
 def test_diverse_loss_bounds_for_sigmoid_masked_features():
@@ -153,7 +220,8 @@ def test_diverse_loss_bounds_for_sigmoid_masked_features():
         assert 0.0 <= value < 1.0
     # Features in [lo, hi] bound the loss by [1 - hi/g_min, 1 - lo/g_max].
     x = torch.empty(8, 512).uniform_(-2.0, 3.0, generator=gen)
-    assert 1 - 3.0 / 73 <= diverse_loss(x, 7).item() <= 1 + 2.0 / 74
+    assert 1 - 3.0 / 73 <= diverse_loss(x, 7, "balanced").item() <= 1 + 2.0 / 74
+    assert 1 - 3.0 / 73 <= diverse_loss(x, 7, "official").item() <= 1 + 2.0 / 73
 
 
 def test_groups_refuse_fewer_channels_than_classes():
