@@ -124,8 +124,10 @@ def train(ctx, out, config_file, quiet, trust_plugins, **options):
 @renamed_option("--out", type=click.Path(dir_okay=False))
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print all results as JSON.")
+@click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the store (runs trained with "
+                                                                        "--online-encoder encode the test images)"))
 @click.pass_context
-def evaluate(ctx, runs, cache, test, table_out, old_out, device, as_json):
+def evaluate(ctx, runs, cache, test, table_out, old_out, device, as_json, trust_plugins):
     """Accuracy, mean class accuracy, per-class accuracy and confusion per test set, and the table.
 
     \b
@@ -139,8 +141,8 @@ def evaluate(ctx, runs, cache, test, table_out, old_out, device, as_json):
         from maskfer.evaluate import cross_table, evaluate_run, table_markdown, write_tables
 
         tests = [t for t in test.split(",") if t]
-        results = [evaluate_run(Path(r), cache, tests, device=device, log=_log if not as_json else (lambda m: None))
-                   for r in runs]
+        results = [evaluate_run(Path(r), cache, tests, device=device, log=_log if not as_json else (lambda m: None),
+                                trust_plugins=trust_plugins) for r in runs]
         if as_json:
             click.echo(json.dumps(results, indent=2))
         else:

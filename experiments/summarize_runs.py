@@ -3,7 +3,8 @@
     python experiments/summarize_runs.py runs/issue8/effnet/*-s[0-9]
 
 Prints one markdown row per group: final training accuracy, accuracy per test set (%), mean ± std
-(population std over the seeds present), and how many seeds were found.
+(population std over the seeds present), training images per second (epoch time = images / that), and
+how many seeds were found.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def main(paths: list[str]) -> None:
     tests: list[str] = []
     rows = []
     for name, runs in groups.items():
-        acc, tr = defaultdict(list), []
+        acc, tr, speed = defaultdict(list), [], []
         for r in sorted(runs):
             res = json.loads((r / "results.json").read_text())
             for t, m in res["tests"].items():
@@ -33,12 +34,14 @@ def main(paths: list[str]) -> None:
                     tests.append(t)
             metrics = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line.strip()]
             tr.append(100 * metrics[-1]["train_acc"])
-        rows.append((name, tr, acc, len(runs)))
+            speed += [m["images_per_s"] for m in metrics if "images_per_s" in m]
+        rows.append((name, tr, acc, speed, len(runs)))
     fmt = lambda v: f"{np.mean(v):.1f} ± {np.std(v):.1f}" if v else "–"  # noqa: E731
-    print("| run | train acc | " + " | ".join(tests) + " | seeds |")
-    print("|---|---|" + "---|" * len(tests) + "---|")
-    for name, tr, acc, n in rows:
-        print(f"| {name} | {fmt(tr)} | " + " | ".join(fmt(acc.get(t, [])) for t in tests) + f" | {n} |")
+    print("| run | train acc | " + " | ".join(tests) + " | train img/s | seeds |")
+    print("|---|---|" + "---|" * len(tests) + "---|---|")
+    for name, tr, acc, speed, n in rows:
+        ips = f"{np.mean(speed):.1f}" if speed else "–"
+        print(f"| {name} | {fmt(tr)} | " + " | ".join(fmt(acc.get(t, [])) for t in tests) + f" | {ips} | {n} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from featcache.devices import DeviceError, resolve_device
-from maskfer.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch, prepare_images
+from featcache.views import draw_params
+from maskfer.augment import augment_with, prepare_images, recipe_of
 from maskfer.config import ConfigError, TrainConfig
 from maskfer.data import DataError, SplitData, holdout_split, load_split, parse_holdout
 from maskfer.errors import TrainError
@@ -95,9 +96,10 @@ class TrainingData:
             raise TrainError(str(e)) from None
         try:
             # --online-encoder recomputes features from augmented images, so even a features-only method needs them.
+            need_images = method.needs_images or cfg.online_encoder
             self.train_data, self.enc_info = load_split(
-                cfg.cache, cfg.train, "train", cfg.encoder, method.needs_images or cfg.online_encoder, cfg.image_size,
-                cfg.root, cfg.workers)
+                cfg.cache, cfg.train, "train", cfg.encoder, need_images, cfg.image_size, cfg.root, cfg.workers,
+                aug_views=cfg.views == "augmented")
             self.val_data = None
             holdout = parse_holdout(cfg.val_split)
             if holdout:
@@ -105,44 +107,62 @@ class TrainingData:
             elif cfg.val_split:
                 name = cfg.train.partition(":")[0]
                 self.val_data, _ = load_split(cfg.cache, f"{name}:{cfg.val_split}", cfg.val_split, self.enc_info["key"],
-                                              method.needs_images, cfg.image_size, cfg.root, cfg.workers)
+                                              need_images, cfg.image_size, cfg.root, cfg.workers)
         except DataError as e:
             raise TrainError(str(e)) from None
         self.feat_dim = int(self.enc_info["dim"])
+        views, bank = self.train_data.views, self.train_data.bank
+        if views is not None and bank is not None and views.recipe.get("image_size") not in (None, bank.size):
+            raise TrainError(f"--views augmented: the views of {self.train_data.name} in {cfg.cache} were rendered from "
+                             f"the {views.recipe['image_size']} px cached images, but training reads {bank.size} px "
+                             "ones: their noise fields would differ from the encoder's. Cache the images at "
+                             f"{views.recipe['image_size']} px (featcache build --image-size) or rebuild the views")
         # --feature-norm statistics: the training rows only (a holdout is already excluded), both views
         self.feat_stats = feature_stats(self.train_data.feats) if cfg.feature_norm == "standardize" else None
         if method.needs_images and method.epoch_trained and len(self.train_data) < 2:
             raise TrainError(f"{self.train_data.name} has {len(self.train_data)} training image(s): the {cfg.backbone} "
                              "backbone's BatchNorm needs at least 2 per batch")
+        self.cnn_images = method.needs_images   # False: images are loaded for the online encoder only
         self.online = None
         if cfg.online_encoder:
             check_online_encoder(cfg)
             self.online = OnlineEncoder(self.enc_info, self.device, trust_plugins=trust_plugins, source=(
                 f"{cfg.cache} (attribute 'spec' of /datasets/{cfg.train.partition(':')[0]}/encoders/{self.enc_info['key']})"))
 
+    @property
+    def recipe(self):
+        """The augmentation drawn per batch (--views clean), from the configuration as it is now."""
+        return recipe_of(self.cfg)
+
     def check_drop(self, cfg: TrainConfig, where: str = "") -> None:
         check_drop(cfg, self.feat_dim, self.enc_info["key"], where)
 
     def batch(self, data: SplitData, pos: torch.Tensor, train: bool, gen: torch.Generator | None) -> Batch:
-        """Rows ``pos`` of ``data``: augmented (train) or plain; features of the matching flip view."""
-        cfg = self.cfg
-        y = data.labels[pos].to(self.device)
-        feats_all = data.feats[pos].to(self.device)  # (B, 2, C)
-        x = None
-        flip = torch.zeros(len(pos), dtype=torch.bool, device=self.device)
-        if data.bank is not None:
-            imgs = data.bank.get(data.rows[pos.numpy()]).to(self.device, non_blocking=True)
-            if train:
-                x, flip = augment_batch(imgs, cfg.image_size, generator=gen, flip_p=0.5 if cfg.flip else 0.0,
-                                        erase_p=cfg.erasing, noise_std=cfg.noise_std)
-            else:
-                x = prepare_images(imgs, cfg.image_size)
-        elif train and cfg.flip:  # features only: flipping is just picking the flipped view
-            flip = torch.rand(len(pos), generator=gen, device=self.device) < 0.5
-        if self.online is not None and train:
-            x01 = (x * torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-                   + torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)).clamp(0, 1)
-            feats = self.online(x01)
+        """Rows ``pos`` of ``data``, augmented (train) or plain, with the features that match the image.
+
+        Training: each image gets a parameter row (featcache.views) -- one of its stored augmented views chosen
+        by ``gen`` (--views augmented: the view's features), or one drawn from ``gen`` (clean: the cached view
+        matching the flip) -- applied to its cached image for the CNN, and with --online-encoder also to the
+        encoder's input. Evaluation: the plain image and the original view (or, online, its encoding).
+        """
+        cfg, dev, n = self.cfg, self.device, len(pos)
+        y = data.labels[pos].to(dev)
+        imgs = data.bank.get(data.rows[pos.numpy()]).to(dev, non_blocking=True) if data.bank is not None else None
+        if not train:
+            x = prepare_images(imgs, cfg.image_size) if imgs is not None else None
+            feats = self.online.encode(imgs) if self.online is not None else data.feats[pos, 0].to(dev)
+            return Batch(x, feats, y)
+        rows = torch.arange(n, device=dev)
+        if data.views is not None:  # --views augmented
+            v = torch.randint(data.views.k, (n,), generator=gen, device=dev)
+            params = data.views.params[pos].to(dev)[rows, v]
+            feats = data.views.feats[pos].to(dev)[rows, v]
+            noise_std = float(data.views.recipe.get("noise_std", 0.0))
         else:
-            feats = feats_all[torch.arange(len(pos), device=self.device), flip.long()]
+            params = draw_params(n, self.recipe, gen, device=dev)
+            feats = data.feats[pos].to(dev)[rows, (params[:, 0] > 0.5).long()]
+            noise_std = self.recipe.noise_std
+        x = augment_with(imgs, params, cfg.image_size, noise_std) if imgs is not None and self.cnn_images else None
+        if self.online is not None:
+            feats = self.online.encode(imgs, params, noise_std)
         return Batch(x, feats, y)

@@ -36,6 +36,9 @@ class ConfigError(FerError, ValueError):  # ValueError: callers catch bad values
 
 
 # ---------------------------------------------------------------------------- the declaration
+AS_OLD_AS_THE_FORMAT = "<as old as the format>"  # Option.legacy of a field every recorded config has
+
+
 @dataclass(frozen=True)
 class Option:
     """Everything about one TrainConfig field besides its type and default (both on the field).
@@ -58,6 +61,11 @@ class Option:
     axis: bool = True                       # may be a sweep axis (--grid)
     aliases: tuple[str, ...] = ()           # other accepted spellings (old sweep files, --set, --config keys)
     doc: str = ""                           # more text for the docs table only
+    # The value that reproduces runs recorded before this field existed: from_dict fills it in when a stored
+    # config lacks the field, and identity() leaves the field out while it holds that value, so those runs keep
+    # their identity hash and resume. AS_OLD_AS_THE_FORMAT: the field has always been recorded.
+    legacy: typing.Any = AS_OLD_AS_THE_FORMAT
+    paper: str = ""                         # where the default differs from the paper's code: what the paper does
 
     def __post_init__(self):
         if self.path not in (None, "file", "dir"):
@@ -101,7 +109,9 @@ class TrainConfig:
     pretrained: str | None = option(None, "Backbone initialisation: a torchvision-format state dict (.pth/.safetensors,"
                                           " e.g. the MS-Celeb-1M ResNet-18 FER papers use), or, online, torchvision's "
                                           "ImageNet weights (imagenet), a URL or a hub file [default: from scratch].",
-                                    metavar="FILE|imagenet|URL|hf://OWNER/REPO/FILE", per_model=True, data=True)
+                                    metavar="FILE|imagenet|URL|hf://OWNER/REPO/FILE", per_model=True, data=True,
+                                    paper="MS-Celeb-1M ResNet-18 weights (not distributable; the paper's Table 5: about "
+                                          "-4 points for CAFE and -20 for the baseline from scratch)")
     encoder: str | None = option(None, "Encoder key in the store [default: the dataset's only encoder].",
                                  metavar="KEY", data=True)
     epochs: int = option(60, "Training epochs.", range=(1, True, None, True))
@@ -117,8 +127,13 @@ class TrainConfig:
     beta: float = option(5.0, "Weight β of the diverse loss.", range=(0, True, None, True), per_model=True)
     drop: int = option(10, "Channels dropped per class group (of 73 for C=512); must be smaller than the smallest "
                            "group.", range=(0, True, None, True), per_model=True, data=True)
-    drop_mode: str = option("sample", "A new channel-drop pattern per sample, or one per batch (the original code).",
-                            choices=("sample", "batch"), per_model=True)
+    drop_mode: str = option("batch", "One channel-drop pattern per batch (the official code) or a new one per sample.",
+                            choices=("batch", "sample"), per_model=True)
+    groups: str = option("official", "Class groups of the separation and diverse losses. official: max over windows "
+                                     "of C//7 channels (512: 7 x 73, channel 511 never pooled; drop drawn over "
+                                     "6 x 73 + 74), diverse divided by 73, as the official code; balanced: 7 groups "
+                                     "6 x 73 + 74 for drop and max, each divided by its size.",
+                         choices=("official", "balanced"), legacy="balanced")
     sigmoid: bool = option(True, "Mask through a sigmoid; --no-sigmoid is the ablation M * F.", per_model=True)
     separation: bool = option(True, "Channel-separation loss; --no-separation is the ablation.", per_model=True,
                               data=True)
@@ -130,12 +145,29 @@ class TrainConfig:
                                        "features, as the paper.", choices=FEATURE_NORMS)
     flip: bool = option(True, "Random horizontal flips (the stored flipped view); --no-flip turns them off.")
     erasing: float = option(0.5, "Random-erasing probability.", range=(0, True, 1, True),
-                            doc="torchvision semantics: scale 0.02–0.33, ratio 0.3–3.3, value 0.")
-    noise_std: float = option(0.0, "Gaussian noise std on normalised images (0: off).",
+                            doc="torchvision semantics: ratio 0.3–3.3, filled with the ImageNet mean (value 0 after "
+                                "normalisation).")
+    erase_min: float = option(0.02, "Smallest erased area, as a fraction of the image.", range=(0, False, 1, False),
+                              legacy=0.02)
+    erase_max: float = option(0.25, "Largest erased area, as a fraction of the image (official 0.25; torchvision's "
+                                    "default 0.33).", range=(0, False, 1, False), legacy=0.33)
+    noise_p: float = option(0.5, "Probability of Gaussian noise on an image (official 0.5).", range=(0, True, 1, True),
+                            legacy=1.0)
+    noise_std: float = option(math.sqrt(30.0), "Gaussian noise std in 0-255 pixel units, added to the source pixels "
+                                               "before the resize (official: variance 30); 0: off.",
                               range=(0, True, None, True))
+    views: str = option("clean", "Features the training batches use. clean: the cached image and its flip (erasing "
+                                 "and noise reach only the CNN); augmented: one of the store's augmented views per "
+                                 "image and epoch (featcache build --aug-views K), its augmentation re-applied to the "
+                                 "CNN input, so F and the CNN see the same augmented face, as in the official code.",
+                        choices=("clean", "augmented"), legacy="clean", data=True,
+                        paper="the encoder runs on every augmented batch (what --online-encoder computes; "
+                              "--views augmented caches it)")
     balanced: bool = option(False, "Class-balanced sampling (each class equally likely; AffectNet needs it).")
-    online_encoder: bool = option(False, "Recompute the features from every augmented batch (slow; for comparison).",
-                                  data=True)
+    online_encoder: bool = option(False, "Recompute the features from every augmented batch, at training and at "
+                                         "evaluation, with the store's encoder and its --preprocess mode (slow; the "
+                                         "official computation, for comparison).", data=True,
+                                  paper="on: the official code encodes every batch")
     val_split: str | None = option(None, "Validation split of the training dataset evaluated each epoch (model "
                                          "selection), or holdout:FRACTION to hold out a stratified part of its train "
                                          "split.", metavar="SPLIT|holdout:FRACTION", data=True)
@@ -176,14 +208,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """Options given now (a --config file, a sweep's base); the others take their defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown config option(s): {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_record(cls, d: dict) -> "TrainConfig":
+        """The configuration a run recorded (config.json's "config"): fields newer than the record get their
+        legacy value, what that run was trained with."""
+        return cls.from_dict({**{n: v for n, v in LEGACY.items() if n not in d}, **d})
+
     def identity(self) -> dict:
-        return {k: v for k, v in self.to_dict().items() if k not in self.NON_IDENTITY}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in self.NON_IDENTITY and not (k in LEGACY and v == LEGACY[k])}
 
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -197,6 +237,7 @@ PER_MODEL_FIELDS = tuple(n for n, o in OPTIONS.items() if o.per_model)  # may di
 DATA_FIELDS = tuple(n for n, o in OPTIONS.items() if o.data)            # what the sweep's store checks read
 AXIS_FIELDS = tuple(n for n, o in OPTIONS.items() if o.axis)            # possible sweep axes
 REQUIRED = tuple(n for n, o in OPTIONS.items() if o.required)
+LEGACY = {n: o.legacy for n, o in OPTIONS.items() if o.legacy != AS_OLD_AS_THE_FORMAT}
 # Numeric options: (lower bound, lower inclusive, upper bound, upper inclusive); every value must be finite.
 NUMERIC_RANGES = {n: o.range for n, o in OPTIONS.items() if o.range is not None}
 
@@ -361,7 +402,8 @@ def read_config_file(path) -> ConfigFile:
         except ValueError as e:
             raise ConfigError(f"{p}: not valid JSON: {e}") from None
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
-            raw = raw["config"]  # a run directory's config.json
+            raw = raw["config"]  # a run directory's config.json: what it trained, older fields included
+            raw = {**{n: v for n, v in LEGACY.items() if n not in raw}, **raw}
     else:
         import tomllib
 
@@ -433,12 +475,13 @@ def _roles(name: str) -> str:
 def defaults_markdown() -> str:
     """The options table of docs/training.md: every TrainConfig field, its flag, default, meaning and roles."""
     defaults = TrainConfig()
-    lines = ["| option | default | meaning | notes |", "|---|---|---|---|"]
+    lines = ["| option | default | meaning | notes | the paper's code, where the default differs |", "|---|---|---|---|---|"]
     for name in OPTIONS:
         f = flag(name)
         spelled = f"`--{f}` / `--no-{f}`" if field_types()[name] is bool else f"`--{f}`"
         meaning = describe(name).replace("|", "\\|")
-        lines.append(f"| {spelled} | {_fmt_default(getattr(defaults, name))} | {meaning} | {_roles(name)} |")
+        paper = OPTIONS[name].paper.replace("|", "\\|")
+        lines.append(f"| {spelled} | {_fmt_default(getattr(defaults, name))} | {meaning} | {_roles(name)} | {paper} |")
     return "\n".join(lines) + "\n"
 
 

@@ -83,14 +83,29 @@ class SplitData:
     labels: torch.Tensor    # (n,) long
     feats: torch.Tensor     # (n, 2, C) float32: original and flipped view
     bank: ImageBank | None  # indexed by store row
+    views: "AugViews | None" = None  # the store's augmented views (--views augmented), else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def subset(self, keep: np.ndarray, name: str) -> "SplitData":
         t = torch.from_numpy(np.flatnonzero(keep))
+        views = None if self.views is None else AugViews(self.views.feats[t], self.views.params[t], self.views.recipe)
         return SplitData(name, self.dataset, self.split, self.rows[keep], self.ids[keep], self.labels[t],
-                         self.feats[t], self.bank)
+                         self.feats[t], self.bank, views)
+
+
+@dataclass
+class AugViews:
+    """K augmented views per row (featcache build --aug-views): their features and the parameter rows
+    (featcache.views.PARAMS) that re-create each view's augmentation on the cached image."""
+    feats: torch.Tensor     # (n, K, C) float32
+    params: torch.Tensor    # (n, K, len(PARAMS)) float32
+    recipe: dict            # featcache.views.Recipe.to_dict() + "seed": what drew the rows
+
+    @property
+    def k(self) -> int:
+        return self.feats.shape[1]
 
 
 HOLDOUT_SEED = 20240  # fixed, independent of the run seed: every run of a sweep holds out the same rows
@@ -223,8 +238,10 @@ def check_test_sets(store_path: str, specs: list[str], encoder_key: str, fingerp
 
 
 def load_split(store_path: str, spec: str, default_split: str, encoder: str | None, need_images: bool,
-               image_size: int, root: str | None = None, workers: int = 0) -> tuple[SplitData, dict]:
-    """Load one DATASET[:SPLIT]; returns the data and the encoder's store metadata."""
+               image_size: int, root: str | None = None, workers: int = 0, aug_views: bool = False
+               ) -> tuple[SplitData, dict]:
+    """Load one DATASET[:SPLIT]; returns the data and the encoder's store metadata. ``aug_views``: load the
+    store's augmented views too (DataError when the dataset has none)."""
     name, split = split_spec(spec, default_split)
     store = open_store(store_path)
     ds = store.dataset(name)
@@ -253,6 +270,22 @@ def load_split(store_path: str, spec: str, default_split: str, encoder: str | No
             f"(first: id {ds.ids[rows][bad_rows[0]]!r}, label {labels[bad_rows[0]]}); the store is damaged: "
             f"run `featcache verify {store_path}` and rebuild dataset {name!r} with `featcache build`")
     bank = _image_bank(ds, rows, image_size, root, workers) if need_images else None
+    views = _aug_views(ds, key, rows, store_path) if aug_views else None
     data = SplitData(f"{name}:{split}", name, split, rows, ds.ids[rows], torch.from_numpy(labels),
-                     torch.from_numpy(feats), bank)
+                     torch.from_numpy(feats), bank, views)
     return data, {"key": key, **info}
+
+
+def _aug_views(ds: DatasetView, key: str, rows: np.ndarray, store_path: str) -> AugViews:
+    k = ds.aug_views(key)
+    if k == 0:
+        raise DataError(f"--views augmented: dataset {ds.name!r} in {store_path} has no augmented views of encoder "
+                        f"{key!r}; add them with `featcache build --dataset ... --cache {store_path} --aug-views K` "
+                        "(the same --model), or train with --views clean")
+    feats = ds.aug_features(key, rows)
+    bad = ~np.isfinite(feats).all(axis=(1, 2))
+    if bad.any():
+        raise DataError(f"{bad.sum()} augmented-view rows of {ds.name} (encoder {key}) contain NaN/inf, first id "
+                        f"{ds.ids[rows][bad][0]!r}; run `featcache verify {store_path}`")
+    return AugViews(torch.from_numpy(feats).float(), torch.from_numpy(ds.aug_params(key, rows)).float(),
+                    ds.aug_recipe(key) or {})

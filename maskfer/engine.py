@@ -171,7 +171,8 @@ class Engine:
         sums_l, correct_l = sums.cpu().tolist(), correct.cpu().tolist()
         val_acc = None
         if data.val_data is not None:  # all K models in one batched pass
-            logits = predict_logits(stacked, data.val_data, self.cfgs[0].image_size, data.device)  # (N, K, L)
+            logits = predict_logits(stacked, data.val_data, self.cfgs[0].image_size, data.device,
+                                    encoder=data.online)  # (N, K, L)
             labels = data.val_data.labels.numpy()
             val_acc = [eval_metrics(labels, logits[:, j].argmax(1).numpy())["accuracy"] for j in range(ka)]
         opt_sd = opt.state_dict()

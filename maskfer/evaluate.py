@@ -21,6 +21,7 @@ from maskfer.augment import prepare_images
 from maskfer.config import TrainConfig
 from maskfer.data import DataError, SplitData, check_test_sets, load_split
 from maskfer.model import create_model
+from maskfer.online import OnlineEncoder
 
 
 class EvalError(FerError):
@@ -29,17 +30,19 @@ class EvalError(FerError):
 
 @torch.no_grad()
 def predict_logits(model, data: SplitData, image_size: int, device: torch.device, batch_size: int = 128,
-                   output: str = "logits") -> torch.Tensor:
+                   output: str = "logits", encoder=None) -> torch.Tensor:
     """Logits of every row, batched: (N, L), or (N, K, L) for maskfer.parallel's stacked model. ``output``
-    names another entry of the model's output dict to collect instead (MaskModel's "masked": (N, C))."""
+    names another entry of the model's output dict to collect instead (MaskModel's "masked": (N, C)).
+    ``encoder`` (a maskfer.online.OnlineEncoder; --online-encoder runs): features computed from the images
+    instead of read from the store."""
     model.eval()
     out = []
     for s in range(0, len(data), batch_size):
         pos = torch.arange(s, min(s + batch_size, len(data)))
-        feats = data.feats[pos, 0].to(device)  # evaluation uses the original (unflipped) view
-        x = None
-        if data.bank is not None:
-            x = prepare_images(data.bank.get(data.rows[pos.numpy()]).to(device), image_size)
+        imgs = data.bank.get(data.rows[pos.numpy()]).to(device) if data.bank is not None else None
+        x = prepare_images(imgs, image_size) if imgs is not None else None
+        # evaluation uses the original (unflipped) view
+        feats = encoder.encode(imgs) if encoder is not None else data.feats[pos, 0].to(device)
         out.append(model(x, feats)[output].float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(CLASSES) if output == "logits" else 0)
 
@@ -61,8 +64,8 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(CLASS
     }
 
 
-def evaluate_split(model, data: SplitData, image_size: int, device: torch.device) -> dict:
-    logits = predict_logits(model, data, image_size, device)
+def evaluate_split(model, data: SplitData, image_size: int, device: torch.device, encoder=None) -> dict:
+    logits = predict_logits(model, data, image_size, device, encoder=encoder)
     return metrics(data.labels.numpy(), logits.argmax(1).numpy())
 
 
@@ -88,28 +91,35 @@ def load_run(run: Path, device: torch.device):
 
 
 def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str | torch.device = "auto", log=print,
-                 merge: bool = True) -> dict:
+                 merge: bool = True, trust_plugins: bool = False) -> dict:
     """Evaluate a run on test sets of a store; returns the results and merges them into results.json
-    (see :func:`_merge_results`; ``merge=False`` replaces the file)."""
+    (see :func:`_merge_results`; ``merge=False`` replaces the file). A run trained with --online-encoder is
+    evaluated online too: the encoder computes the features from the images (``trust_plugins``: its spec
+    may name a plug-in)."""
     run = Path(run)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model, cfg, stored = load_run(run, dev)
     cache = cache or cfg.cache
+    need_images = cfg.method_spec.needs_images or cfg.online_encoder
     res = {"run": str(run), "train": cfg.train, "method": cfg.method, "label": run_label(cfg),
            "epochs_trained": stored["checkpoint_epoch"] + 1, "config_hash": stored.get("config_hash"),
            "encoder": stored["encoder"], "tests": {}}
     try:  # every test set must exist before the first is evaluated
         check_test_sets(cache, tests, stored["encoder"]["key"], stored["encoder"].get("fingerprint"),
-                        int(stored["feat_dim"]), cfg.method_spec.needs_images, cfg.root, trained=f"run {run}")
+                        int(stored["feat_dim"]), need_images, cfg.root, trained=f"run {run}")
     except DataError as e:
         raise EvalError(str(e)) from None
+    encoder = None
     for spec in tests:
         try:
-            data, info = load_split(cache, spec, "test", stored["encoder"]["key"], cfg.method_spec.needs_images, cfg.image_size,
+            data, info = load_split(cache, spec, "test", stored["encoder"]["key"], need_images, cfg.image_size,
                                     cfg.root, cfg.workers)
         except DataError as e:
             raise EvalError(str(e)) from None
-        m = evaluate_split(model, data, cfg.image_size, dev)
+        if cfg.online_encoder and encoder is None:
+            encoder = OnlineEncoder(info, dev, trust_plugins=trust_plugins,
+                                    source=f"{cache} (attribute 'spec' of encoder {info['key']!r} of {data.dataset})")
+        m = evaluate_split(model, data, cfg.image_size, dev, encoder=encoder)
         res["tests"][data.name] = m
         note = f" (absent classes: {', '.join(m['absent_classes'])})" if m["absent_classes"] else ""
         log(f"{data.name}: accuracy {m['accuracy']:.4f}, mean class accuracy {m['mean_class_accuracy']:.4f}"

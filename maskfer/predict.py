@@ -48,7 +48,8 @@ def predict(run: str | Path, inputs: list[str], device: str = "auto", batch_size
     if need_feats:
         spec = stored["encoder"]["spec"]
         enc = create_encoder(spec, device=str(dev), trust_plugins=trust_plugins,
-                             source=f"{Path(run) / rundir.CONFIG} (field encoder.spec)")
+                             source=f"{Path(run) / rundir.CONFIG} (field encoder.spec)",
+                             preprocess=stored["encoder"].get("preprocess") or "clip")
         if fingerprint(enc.metadata) != stored["encoder"]["fingerprint"]:
             raise EvalError(f"encoder {spec!r} now loads with another fingerprint than the run was trained on "
                             f"({fingerprint(enc.metadata)} vs {stored['encoder']['fingerprint']})")

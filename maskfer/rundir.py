@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from featcache.errors import FerError
+from featcache.encoders import preprocess_mode
 from featcache.taxonomy import CLASSES
 from maskfer.config import ConfigError, TrainConfig, check_types
 from maskfer.errors import TrainError
@@ -78,7 +79,7 @@ def read_run_config(run: Path):
     if not isinstance(raw, dict):
         raise bad("config", f"expected an object of training options, not {raw!r}")
     try:
-        cfg = TrainConfig.from_dict(raw)
+        cfg = TrainConfig.from_record(raw)
         check_types(raw)
         cfg.validate(check_files=False)
     except ConfigError as e:
@@ -231,7 +232,9 @@ class RunDir:
                  group: dict | None = None, log=print):
         self.path, self.cfg, self.log, self.group = Path(path), cfg, log, group
         self.record = {"config": cfg.to_dict(), "config_hash": cfg.identity_hash(), "feat_dim": int(feat_dim),
-                       "encoder": {k: encoder.get(k) for k in ("key", "spec", "fingerprint", "dim")},
+                       "encoder": {**{k: encoder.get(k) for k in ("key", "spec", "fingerprint", "dim")},
+                                   # featcache build --preprocess: predict must feed the encoder the same way
+                                   "preprocess": preprocess_mode(encoder.get("metadata") or {})},
                        "classes": list(CLASSES),
                        # size of the uint8 images the training batches were resized from (predict mirrors it)
                        "source_image_size": source_image_size}

@@ -32,7 +32,7 @@ from maskfer.config import (AXIS_FIELDS, DATA_FIELDS, OPTIONS, ConfigError, Trai
 from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder, resolve_split
 from maskfer.evaluate import evaluate_run
 from maskfer.parallel import group_key, train_parallel
-from maskfer.train import Trainer
+from maskfer.train import Trainer, paper_differences
 
 SWEEP_FILE = "sweep.json"
 
@@ -345,7 +345,8 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, paralle
                                progress=progress, log=log, trust_plugins=trust_plugins)
                 for rid, _, c in chunk:
                     if c.test:
-                        evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False)
+                        evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False,
+                                     trust_plugins=trust_plugins)
     sequential = [t for t in todo if t not in stacked]
     if sequential:
         for i, (rid, p, c) in enumerate(sequential):
@@ -353,12 +354,16 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, paralle
             trainer = Trainer(c, out / "runs" / rid, progress, log, trust_plugins=trust_plugins)
             trainer.run()
             if c.test:
-                evaluate_run(out / "runs" / rid, c.cache, c.test, device=trainer.device, log=log, merge=False)
+                evaluate_run(out / "runs" / rid, c.cache, c.test, device=trainer.device, log=log, merge=False,
+                             trust_plugins=trust_plugins)
     # trained earlier but killed before its evaluation, or the sweep is rerun with other --test sets.
     # merge=False everywhere: a sweep run's results.json holds exactly its configuration's test sets.
     for rid, _, c in points:
         if not _has_results(out / "runs" / rid, c):
-            evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False)
+            evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False,
+                         trust_plugins=trust_plugins)
+    for line in sorted({line for _, _, c in points for line in paper_differences(c)}):
+        log(line)
     return summarize_sweep(out, points, grid)
 
 

@@ -58,11 +58,13 @@ def one_error_line(r, *needles):
 def test_roles_equal_the_hand_kept_lists_they_replace():
     assert set(config.NON_IDENTITY) == set(OLD_NON_IDENTITY) and TrainConfig.NON_IDENTITY == config.NON_IDENTITY
     assert set(config.PER_MODEL_FIELDS) == set(OLD_PARALLEL_FIELDS)
-    assert set(config.DATA_FIELDS) == set(OLD_DATA_FIELDS)
+    assert set(config.DATA_FIELDS) == set(OLD_DATA_FIELDS) | {"views"}  # views: read from the store since
     assert set(config.AXIS_FIELDS) == set(FIELDS) - set(OLD_NOT_AXES)
-    assert config.NUMERIC_RANGES == OLD_NUMERIC_RANGES
+    assert config.NUMERIC_RANGES == {**OLD_NUMERIC_RANGES, "erase_min": (0, False, 1, False),
+                                     "erase_max": (0, False, 1, False), "noise_p": (0, True, 1, True)}
     assert config.REQUIRED == ("cache", "train")
-    assert set(TrainConfig(train="x").identity()) == set(FIELDS) - set(OLD_NON_IDENTITY)
+    at_legacy = {n for n, v in config.LEGACY.items() if getattr(TrainConfig(), n) == v}  # left out of identity
+    assert set(TrainConfig(train="x").identity()) == set(FIELDS) - set(OLD_NON_IDENTITY) - at_legacy
 
 
 # identity_hash of configs written before the declaration existed (computed with the old dataclass)
@@ -77,9 +79,28 @@ KNOWN_HASHES = [
 ]
 
 
+# what a config.json recorded before the faithful-recipe fields existed holds besides the values above
+OLD_DEFAULTS = dict(cache="", train="", test=[], method="cafe", backbone="resnet18", pretrained=None, encoder=None,
+                    epochs=60, batch_size=32, image_size=224, lr=2e-4, weight_decay=1e-4, gamma=0.9, seed=0, lam=1.5,
+                    beta=5.0, drop=10, drop_mode="sample", sigmoid=True, separation=True, diverse=True,
+                    mask_map="auto", feature_norm="none", flip=True, erasing=0.5, noise_std=0.0, balanced=False,
+                    online_encoder=False, val_split=None, device="auto", workers=0, root=None)
+
+
 @pytest.mark.parametrize("kw,digest", KNOWN_HASHES)
 def test_identity_hash_of_existing_configs_is_unchanged(kw, digest):
-    assert TrainConfig(**kw).identity_hash() == digest
+    """A run recorded before a field existed reads back (from_record) as what it trained and keeps its hash."""
+    assert TrainConfig.from_record({**OLD_DEFAULTS, **kw}).identity_hash() == digest
+
+
+def test_fields_newer_than_a_record_take_their_legacy_values_not_the_defaults():
+    old = TrainConfig.from_record(dict(OLD_DEFAULTS))
+    assert (old.groups, old.erase_max, old.noise_p, old.views) == ("balanced", 0.33, 1.0, "clean")
+    new = TrainConfig()
+    assert (new.groups, new.erase_max, new.noise_p, new.drop_mode) == ("official", 0.25, 0.5, "batch")
+    assert new.identity_hash() != old.identity_hash()
+    # identity leaves a field out only while it holds the legacy value
+    assert "groups" not in old.identity() and new.identity()["groups"] == "official"
 
 
 def test_every_field_is_declared_once_with_its_own_spellings():
@@ -244,7 +265,7 @@ BAD_CONFIGS = {
     "negated key": ("no-flip = true\n", ["key 'no-flip' is not a training option (set flip to false)"]),
     "wrong type": ('epochs = "many"\n', ["key 'epochs': 'many' is not a valid int for option 'epochs'"]),
     "out of range": ("epochs = 0\n", ["key 'epochs': --epochs must be >= 1, not 0"]),
-    "not a choice": ('drop-mode = "never"\n', ["key 'drop-mode': --drop-mode must be one of sample, batch"]),
+    "not a choice": ('drop-mode = "never"\n', ["key 'drop-mode': --drop-mode must be one of batch, sample"]),
     "given twice": ("lambda = 1.0\nlam = 2.0\n", ["key 'lam' is given twice (as 'lambda' and 'lam')"]),
     "a table": ("[train]\nepochs = 1\n", ["key 'train': expected a value, not a table"]),
     "missing store": ('cache = "nope.h5"\n', ["key 'cache': no such file nope.h5"]),

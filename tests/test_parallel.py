@@ -167,59 +167,82 @@ def test_per_model_drop_matches_separation_statistics_and_draws():
 
 
 # ------------------------------------------------------------------ losses
-def test_stacked_losses_equal_cafe_loss_per_model():
+def _with_groups(cfg, groups):
+    cfg.groups = groups  # the shared pooling mode (a TrainConfig field; set directly so any version works)
+    return cfg
+
+
+@pytest.mark.parametrize("groups", ["official", "balanced"])
+def test_stacked_losses_equal_cafe_loss_per_model(groups):
     from maskfer.config import TrainConfig
 
     base = dict(train="x")
     cfgs = [TrainConfig(**base), TrainConfig(**base, lam=0.7, beta=0.3, drop=0),
             TrainConfig(**base, separation=False, drop=40), TrainConfig(**base, diverse=False, drop=3, drop_mode="batch"),
             TrainConfig(**base, drop=10, drop_mode="batch")]
+    cfgs = [_with_groups(c, groups) for c in cfgs]
     spec = LossSpec.from_configs(cfgs)
-    assert spec.drops == [10, 0, 0, 3, 10]
+    assert spec.drops == [10, 0, 0, 3, 10] and spec.groups == groups
     b, k, c = 6, len(cfgs), 512
     torch.manual_seed(0)
     logits = torch.randn(b, k, 7, requires_grad=True)
     masked = torch.randn(b, k, c).sigmoid().requires_grad_()
     y = torch.randint(0, 7, (b,))
     out = {"logits": logits, "masked": masked}
-    groups = channel_groups(c, 7)
+    cg = channel_groups(c, 7)
     totals, parts = stacked_cafe_loss(out, y, spec, generator=torch.Generator().manual_seed(7))
-    keep = per_model_keep(b, groups, spec.drops, torch.Generator().manual_seed(7))
+    keep = per_model_keep(b, cg, spec.drops, torch.Generator().manual_seed(7))
     keep = torch.where(torch.tensor(spec.sample).view(1, k, 1, 1), keep, keep[:1])
     totals2, _ = stacked_cafe_loss(out, y, spec, keep=keep)
     assert torch.equal(totals, totals2)  # the internal draw is that mask
-    ch = keep_to_channels(keep, groups)
+    ch = keep_to_channels(keep, cg)
+    assert torch.equal(stacked_cafe_loss(out, y, spec, keep=ch)[0], totals)  # the channel-layout keep
     assert torch.equal(ch[:, 4], ch[:1, 4].expand(b, -1))  # "batch" model: one pattern for the batch
     totals.sum().backward()
     for j, cfg in enumerate(cfgs):
         lg, mk = logits.detach()[:, j].requires_grad_(), masked.detach()[:, j].requires_grad_()
         expected = F.cross_entropy(lg, y)
         if cfg.separation:
-            expected = expected + cfg.lam * F.cross_entropy(reference_separation_logits(mk, 7, ch[:, j]), y)
+            expected = expected + cfg.lam * F.cross_entropy(reference_separation_logits(mk, 7, ch[:, j], groups), y)
         if cfg.diverse:
-            expected = expected + cfg.beta * reference_diverse_loss(mk, 7)
+            expected = expected + cfg.beta * reference_diverse_loss(mk, 7, groups)
         torch.testing.assert_close(totals[j], expected.detach(), rtol=1e-6, atol=1e-6)
-        if spec.drops[j] == 0:  # deterministic: compare with cafe_loss itself
-            ref, _ = cafe_loss({"logits": lg, "masked": mk}, y, cfg.lam, cfg.beta, cfg.drop, True,
-                               cfg.separation, cfg.diverse)
-            torch.testing.assert_close(totals[j], ref.detach(), rtol=1e-6, atol=1e-6)
+        # cafe_loss itself, given model j's mask (a "batch" model's is one (1, C) row)
+        given = ch[:1, j] if cfg.drop_mode == "batch" else ch[:, j]
+        ref, _ = cafe_loss({"logits": lg, "masked": mk}, y, cfg.lam, cfg.beta, cfg.drop, cfg.drop_mode == "sample",
+                           cfg.separation, cfg.diverse, groups=groups, keep=given if spec.drops[j] else None)
+        torch.testing.assert_close(totals[j], ref.detach(), rtol=1e-6, atol=1e-6)
         expected.backward()
         torch.testing.assert_close(logits.grad[:, j], lg.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(masked.grad[:, j], mk.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("c,drop,mode", [(512, 10, "sample"), (512, 10, "batch"), (49, 2, "sample")])
-def test_one_model_loss_is_bitwise_cafe_loss(c, drop, mode):
+@pytest.mark.parametrize("c,drop,mode,groups", [(512, 10, "sample", "official"), (512, 10, "batch", "official"),
+                                               (49, 2, "sample", "official"), (512, 10, "sample", "balanced"),
+                                               (512, 10, "batch", "balanced")])
+def test_one_model_loss_is_bitwise_cafe_loss(c, drop, mode, groups):
     from maskfer.config import TrainConfig
 
-    cfg = TrainConfig(train="x", lam=0.7, beta=0.3, drop=drop, drop_mode=mode)
+    cfg = _with_groups(TrainConfig(train="x", lam=0.7, beta=0.3, drop=drop, drop_mode=mode), groups)
     torch.manual_seed(1)
     logits, masked, y = torch.randn(10, 1, 7), torch.rand(10, 1, c), torch.randint(0, 7, (10,))
     mine, parts = stacked_cafe_loss({"logits": logits, "masked": masked}, y, LossSpec.from_configs([cfg]),
                                     generator=torch.Generator().manual_seed(3))
     ref, ref_parts = cafe_loss({"logits": logits[:, 0], "masked": masked[:, 0]}, y, 0.7, 0.3, drop, mode == "sample",
-                               generator=torch.Generator().manual_seed(3))
+                               generator=torch.Generator().manual_seed(3), groups=groups)
     assert torch.equal(mine[0], ref) and all(torch.equal(parts[key][0], v) for key, v in ref_parts.items())
+
+
+def test_loss_spec_reads_the_shared_grouping():
+    from maskfer.config import TrainConfig
+
+    cfgs = [TrainConfig(train="x"), TrainConfig(train="x", seed=1)]
+    assert LossSpec.from_configs(cfgs).groups == "official"  # the default, with or without the config field
+    assert LossSpec.from_configs([_with_groups(c, "balanced") for c in cfgs], [1]).groups == "balanced"
+    with pytest.raises(ValueError, match="share the pooling mode"):
+        LossSpec.from_configs([_with_groups(cfgs[0], "official"), _with_groups(cfgs[1], "balanced")])
+    with pytest.raises(ValueError, match="groups must be one of"):
+        LossSpec.from_configs([_with_groups(TrainConfig(train="x"), "paper")])
 
 
 # ------------------------------------------------------------------ train_parallel
@@ -266,7 +289,8 @@ def _reference_fit(cfg) -> dict:
             o = model(b.x, b.feats)
             if cfg.method == "cafe":
                 loss, _ = cafe_loss(o, b.y, cfg.lam, cfg.beta, cfg.drop, cfg.drop_mode == "sample", cfg.separation,
-                                    cfg.diverse, generator=dev_gen, training=True)
+                                    cfg.diverse, generator=dev_gen, training=True,
+                                    groups=getattr(cfg, "groups", "official"))
             else:
                 loss = F.cross_entropy(o["logits"], b.y)
             opt.zero_grad(set_to_none=True)
@@ -279,10 +303,18 @@ def _reference_fit(cfg) -> dict:
 @pytest.mark.parametrize("kw,layout", [(dict(lam=0.7, beta=0.3), "loop"), (dict(lam=0.7, beta=0.3), "grouped"),
                                        (dict(method="linear-head"), "auto"),
                                        (dict(method="baseline", backbone="mobilenet_v2"), "auto"),
-                                       (dict(sigmoid=False, drop_mode="batch", balanced=True), "auto")])
+                                       (dict(sigmoid=False, drop_mode="batch", balanced=True), "auto"),
+                                       (dict(groups="balanced", drop_mode="sample"), "auto")])
 def test_the_engine_with_one_model_reproduces_the_reference_loop(store, tmp_path, kw, layout):
     """One training loop serves a lone run (train) and a group (train_parallel); with one model both must
-    compute exactly what the plain reference loop computes, bit for bit on CPU."""
+    compute exactly what the plain reference loop computes, bit for bit on CPU. (16-d features: the official
+    windows 7 x 2 and the balanced groups 6 x 2 + 4 differ, so the engine must pass the pooling mode on.)"""
+    from dataclasses import fields
+
+    from maskfer.config import TrainConfig
+
+    if "groups" in kw and "groups" not in {f.name for f in fields(TrainConfig)}:
+        pytest.skip("TrainConfig has no groups field")
     cfg = small_cfg(store, epochs=2, val_split="val", **kw)
     expected = _reference_fit(cfg)
     Trainer(cfg, tmp_path / "seq", progress=False, log=quiet).run()

@@ -21,7 +21,7 @@ from maskfer.report.page import Page, slug, table
 def tsne_section(page: Page, run: Path, out: Path, cfg_dict: dict, results: dict | None, *, baseline: Path | None,
                  test: str | None, max_points: int, device: str, cache: str | None, log) -> None:
     """Draw ``tsne_<test>.png`` into ``out`` and add it to ``page``, or a note saying why there is none."""
-    cfg = TrainConfig.from_dict(cfg_dict)
+    cfg = TrainConfig.from_record(cfg_dict)
     spec = pick_tsne_test(cfg.train, results, cfg.test, test)
     if spec is None:
         page.note(f"No t-SNE: this run has no test set outside its training dataset {dataset_of(cfg.train)!r} "
