@@ -546,6 +546,26 @@ def _run(enc, dev, precision, items, todo, journal, need_feats, image_size, batc
     return encoded
 
 
+@contextmanager
+def _new_copy(out: Path):
+    """Yield a temp path beside ``out`` to write a new copy of the store into; when the block ends, publish it
+    (fsync, atomic rename over ``out``, the rename on disk before the caller deletes its journal). On any
+    failure the temp copy goes, and a write error that HDF5 reports as RuntimeError becomes its OSError."""
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        code = _h5_errno(e) if isinstance(e, (OSError, RuntimeError)) else None
+        if code and not isinstance(e, OSError):  # h5py reports some write failures as RuntimeError
+            raise OSError(code, os.strerror(code), str(tmp)) from None
+        raise
+
+
 def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, problems, feat_key, enc, fp,
             precision, dev, image_size, report) -> None:
     """Write a new copy of the store with the journal's results and rename it over the old one."""
@@ -562,10 +582,9 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
         raise BuildError(f"no image of {ds_name!r} could be encoded ({len(failed)} failed; first: {failed[0][2]}); "
                          "nothing was added to the store")
     row_of = np.cumsum(ok) - 1  # work index -> store row (failed items get no row)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    try:
+    with _new_copy(out) as tmp:
         if out.exists():
-            shutil.copyfile(out, tmp)  # inside the try: a copy cut short by a full disk is deleted too
+            shutil.copyfile(out, tmp)  # inside the block: a copy cut short by a full disk is deleted too
         with _open_for_commit(tmp) as f:
             st.init_file(f, featcache.__version__)
             if new_dataset:
@@ -618,16 +637,6 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
                             a = a if in_place else a[good][order]
                             dset[sel] = a
                             crcs[key][sel] = st.row_crc32(a)  # CRC-32 of every row, checked by verify
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)  # the rename must be on disk before the journal is deleted
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        code = _h5_errno(e) if isinstance(e, (OSError, RuntimeError)) else None
-        if code and not isinstance(e, OSError):  # h5py reports some write failures as RuntimeError
-            raise OSError(code, os.strerror(code), str(tmp)) from None
-        raise
     report.rows = int(ok.sum())
     report.skipped = list(problems) + failed
 
@@ -778,8 +787,7 @@ def _commit_aug(out, journal, ds_name, key, n, k0, views, seed, recipe, size, in
     if not covered.all():  # every item is encoded before the commit: this is a bug, never a user error
         raise BuildError(f"internal error: {int((~covered).sum())} augmented views of {ds_name!r} are missing from "
                          f"the journal {journal.dir}; run the same command again")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    try:
+    with _new_copy(out) as tmp:
         shutil.copyfile(out, tmp)
         with _open_for_commit(tmp) as f:
             st.init_file(f, featcache.__version__)
@@ -811,13 +819,3 @@ def _commit_aug(out, journal, ds_name, key, n, k0, views, seed, recipe, size, in
                          "device": dev.type, "tool_version": featcache.__version__,
                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
                 fd.attrs[k] = v
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)  # the rename must be on disk before the journal is deleted
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        code = _h5_errno(e) if isinstance(e, (OSError, RuntimeError)) else None
-        if code and not isinstance(e, OSError):  # h5py reports some write failures as RuntimeError
-            raise OSError(code, os.strerror(code), str(tmp)) from None
-        raise

@@ -164,7 +164,8 @@ def test_kill9_with_default_workers_leaves_no_orphan_and_resumes_at_once(kill_ro
                 assert time.monotonic() < deadline, f"the build never reached the kill point '{what}'"
                 time.sleep(0.001)
             assert proc.poll() is None, f"run before '{what}' ended by itself: {log.read_text()}"
-            assert workers(proc.pid), "the build runs no decode worker: nothing is tested"
+            if k == 0:  # later kill points may come after the workers decoded everything (a loaded machine)
+                assert workers(proc.pid), "the build runs no decode worker: nothing is tested"
             os.kill(proc.pid, signal.SIGKILL)
             assert proc.wait(timeout=60) == -signal.SIGKILL
             # workers die with the build, and none of them keeps the store's lock
