@@ -3,6 +3,7 @@
 # vs the cache with K = 4, 8, 16 augmented views, 3 seeds each, for one frozen encoder.
 #
 #   bash experiments/faithful_cache.sh ENCODER OUT [EPOCHS]
+#   TAG=-std EXTRA="--feature-norm standardize" bash experiments/faithful_cache.sh ENCODER OUT 20
 #
 # Scaled down to this 2-core CPU (say so next to every number): FERPlus train subset of 600 images -> FERPlus
 # test subset (600) and muxspace subset (800), 48 px cached images, ResNet-18 from scratch at 48 px, EPOCHS
@@ -35,13 +36,14 @@ for k in 4 8 16; do
 done
 
 common=(--method cafe --train ferplus --test ferplus,muxspace --image-size 48 --epochs "$EPOCHS" --batch-size 32
-        --device cpu)
+        --device cpu ${EXTRA:-})
+RUNS=$OUT/runs/$ENC${TAG:-}
 run() {  # NAME SEED extra...
   local name=$1 seed=$2; shift 2
-  maskfer train "${common[@]}" --seed "$seed" --out "$OUT/runs/$ENC/$name-s$seed" "$@" \
-    > "$OUT/runs/$ENC/$name-s$seed.log" 2>&1 || echo "FAILED $name-s$seed"
+  maskfer train "${common[@]}" --seed "$seed" --out "$RUNS/$name-s$seed" "$@" \
+    > "$RUNS/$name-s$seed.log" 2>&1 || echo "FAILED $name-s$seed"
 }
-mkdir -p "$OUT/runs/$ENC"
+mkdir -p "$RUNS"
 for seed in 0 1 2; do
   run online "$seed" --cache "$CLEAN" --online-encoder &
   run clean "$seed" --cache "$CLEAN" --views clean
@@ -52,4 +54,4 @@ for seed in 0 1 2; do
 done
 maskfer train --method linear-probe --train ferplus --test ferplus,muxspace --cache "$CLEAN" --device cpu \
   --out "$OUT/runs/$ENC/probe" > "$OUT/runs/$ENC/probe.log" 2>&1
-python "$(dirname "$0")/summarize_runs.py" "$OUT"/runs/"$ENC"/*-s[0-9]
+python "$(dirname "$0")/summarize_runs.py" "$RUNS"/*-s[0-9]

@@ -136,7 +136,9 @@ def params_from_uniforms(u: torch.Tensor, recipe: Recipe) -> torch.Tensor:
 
 
 def draw_params(n: int, recipe: Recipe, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """(n, len(PARAMS)) rows from a generator (a training batch's draw)."""
+    """(n, len(PARAMS)) rows from a generator (a training batch's draw), on the generator's device by default."""
+    if device is None and generator is not None:
+        device = generator.device
     u = torch.rand(n, UNIFORMS, generator=generator, device=device, dtype=torch.float64)
     return params_from_uniforms(u, recipe)
 
@@ -167,10 +169,9 @@ def apply_params(images: torch.Tensor, params: torch.Tensor, size: int, noise_st
     x = images.permute(0, 3, 1, 2).float()                       # 0..255, source grid
     seed = params[:, 5].to(torch.int64)
     noisy = seed >= 0
-    if noise_std > 0 and bool(noisy.any()):
-        sel = torch.nonzero(noisy).flatten()  # the field is generated for the noisy rows only
-        n = hash_normal(seed[sel], tuple(x.shape[1:])).to(dev)
-        x = x.index_copy(0, sel, torch.floor((x[sel] + noise_std * n).clamp(0, 255)))
+    if noise_std > 0:  # a field for every row, kept where the row has noise: no host sync in a training step
+        n = hash_normal(seed.clamp(min=0), tuple(x.shape[1:])).to(dev)
+        x = torch.where(noisy.view(-1, 1, 1, 1), torch.floor((x + noise_std * n).clamp(0, 255)), x)
     x = resize01(x / 255.0, size)
     x = torch.where(params[:, 0].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)
     top = torch.round(params[:, 1] * size).long().view(-1, 1)

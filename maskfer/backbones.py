@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from featcache.errors import FerError
-from maskfer.config import PRETRAINED_HUB_WORDS, is_remote_pretrained  # noqa: F401 - part of this module's API
+from maskfer.weights import PRETRAINED_HUB_WORDS, is_remote_pretrained  # noqa: F401 - part of this module's API
 
 __all__ = [
     "create_backbone",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from featcache.devices import DeviceError, resolve_device
@@ -63,6 +64,29 @@ def check_online_encoder(cfg: TrainConfig) -> None:
                           f"({cfg.method} {why})")
 
 
+def check_views(cfg: TrainConfig) -> None:
+    """--views augmented feeds stored views to an epoch loop that reads features."""
+    method = cfg.method_spec
+    if cfg.views == "augmented" and not (method.epoch_trained and method.needs_features):
+        ok = " or ".join(m for m in method_names() if get_method(m).online_encoder_ok)
+        why = "uses no features" if not method.needs_features else "fits the clean cached features once"
+        raise ConfigError(f"--views augmented trains on stored augmented views in an epoch loop: use it with "
+                          f"--method {ok} ({cfg.method} {why})", field="views")
+
+
+def check_recipe(cfg: TrainConfig, stored: dict, where: str) -> None:
+    """The stored views were drawn with the store's recipe; the run's augmentation options must say the same,
+    or the run would record options it does not train with."""
+    mine = recipe_of(cfg).to_dict()
+    theirs = {k: stored.get(k) for k in mine}
+    diff = [k for k in mine if theirs[k] is None or not np.allclose(mine[k], theirs[k], rtol=0, atol=1e-9)]
+    if diff:
+        shown = ", ".join(f"{k} {theirs[k]} there, {mine[k]} asked" for k in diff)
+        raise TrainError(f"--views augmented: the views of {where} were drawn with another augmentation ({shown}). "
+                         "Train with the store's augmentation options (featcache info shows them), or rebuild the "
+                         "views with this recipe into a new --cache")
+
+
 def check_drop(cfg: TrainConfig, feat_dim: int, encoder_key: str, where: str = "") -> None:
     """--drop must leave at least one channel in the smallest class group of this encoder's features."""
     smallest = feat_dim // NUM_CLASSES
@@ -90,13 +114,14 @@ class TrainingData:
     def __init__(self, cfg: TrainConfig, trust_plugins: bool = False):
         self.cfg = cfg
         method = cfg.method_spec
+        check_views(cfg)
         try:
             self.device = resolve_device(cfg.device)
         except DeviceError as e:
             raise TrainError(str(e)) from None
         try:
             # --online-encoder recomputes features from augmented images, so even a features-only method needs them.
-            need_images = method.needs_images or cfg.online_encoder
+            need_images = cfg.reads_images
             self.train_data, self.enc_info = load_split(
                 cfg.cache, cfg.train, "train", cfg.encoder, need_images, cfg.image_size, cfg.root, cfg.workers,
                 aug_views=cfg.views == "augmented")
@@ -112,6 +137,8 @@ class TrainingData:
             raise TrainError(str(e)) from None
         self.feat_dim = int(self.enc_info["dim"])
         views, bank = self.train_data.views, self.train_data.bank
+        if views is not None:
+            check_recipe(cfg, views.recipe, f"{self.train_data.name} in {cfg.cache}")
         if views is not None and bank is not None and views.recipe.get("image_size") not in (None, bank.size):
             raise TrainError(f"--views augmented: the views of {self.train_data.name} in {cfg.cache} were rendered from "
                              f"the {views.recipe['image_size']} px cached images, but training reads {bank.size} px "

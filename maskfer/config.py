@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from featcache.errors import FerError
 from maskfer.methods import get_method, method_names
+from maskfer.weights import is_remote_pretrained
 
 METHODS = method_names()
 FEATURE_NORMS = ("none", "standardize")
@@ -81,15 +83,6 @@ def option(default, help: str, **kw) -> typing.Any:
 
 
 _METHOD_HELP = "; ".join(f"{n}: {get_method(n).help}" for n in METHODS) + "."
-
-
-PRETRAINED_HUB_WORDS = ("imagenet", "hub", "torchvision", "default", "true")  # --pretrained: torchvision's weights
-
-
-def is_remote_pretrained(spec) -> bool:
-    """--pretrained names downloadable weights (a hub word, a URL, hf://...) rather than a local file."""
-    s = str(spec)
-    return s.lower() in PRETRAINED_HUB_WORDS or s.startswith(("http://", "https://", "file://", "hf://"))
 
 
 @dataclass
@@ -203,6 +196,11 @@ class TrainConfig:
         """The registered maskfer.methods.Method of ``method``."""
         return get_method(self.method)
 
+    @property
+    def reads_images(self) -> bool:
+        """Training and evaluation load images (the model's input, or --online-encoder's)."""
+        return self.method_spec.reads_images(self.online_encoder)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -219,7 +217,7 @@ class TrainConfig:
     def from_record(cls, d: dict) -> "TrainConfig":
         """The configuration a run recorded (config.json's "config"): fields newer than the record get their
         legacy value, what that run was trained with."""
-        return cls.from_dict({**{n: v for n, v in LEGACY.items() if n not in d}, **d})
+        return cls.from_dict(with_legacy(d))
 
     def identity(self) -> dict:
         return {k: v for k, v in self.to_dict().items()
@@ -238,6 +236,18 @@ DATA_FIELDS = tuple(n for n, o in OPTIONS.items() if o.data)            # what t
 AXIS_FIELDS = tuple(n for n, o in OPTIONS.items() if o.axis)            # possible sweep axes
 REQUIRED = tuple(n for n, o in OPTIONS.items() if o.required)
 LEGACY = {n: o.legacy for n, o in OPTIONS.items() if o.legacy != AS_OLD_AS_THE_FORMAT}
+
+
+def with_legacy(d: dict, where="a run's config.json") -> dict:
+    """A recorded configuration with its missing newer fields at their legacy values. A record from before
+    --noise-p existed whose noise was on cannot be reproduced: --noise-std was then a std on [0, 1] pixels
+    after the resize, now it is in 0-255 units before it."""
+    if "noise_p" not in d and isinstance(d.get("noise_std"), (int, float)) and d["noise_std"] > 0:
+        raise ConfigError(f"{where}: noise_std {d['noise_std']} was recorded when it meant a std on [0, 1] pixels "
+                          "after the resize; it is now in 0-255 units before it (the official recipe), so this run "
+                          "cannot be resumed or repeated as it was. Train it anew (--noise-std in 0-255 units)",
+                          field="noise_std")
+    return {**{n: v for n, v in LEGACY.items() if n not in d}, **d}
 # Numeric options: (lower bound, lower inclusive, upper bound, upper inclusive); every value must be finite.
 NUMERIC_RANGES = {n: o.range for n, o in OPTIONS.items() if o.range is not None}
 
@@ -275,8 +285,8 @@ def unknown_key_hint(key: str) -> str:
 
 
 def _load_choices(spec: str) -> tuple[str, ...]:
-    import importlib
-
+    """A registry's names, imported when a value is validated: registries like maskfer.backbones load torch,
+    which the CLI must not pay for at start. The registry never imports this module back (no cycle)."""
     module, _, fn = spec.partition(":")
     return tuple(getattr(importlib.import_module(module), fn)())
 
@@ -402,8 +412,7 @@ def read_config_file(path) -> ConfigFile:
         except ValueError as e:
             raise ConfigError(f"{p}: not valid JSON: {e}") from None
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
-            raw = raw["config"]  # a run directory's config.json: what it trained, older fields included
-            raw = {**{n: v for n, v in LEGACY.items() if n not in raw}, **raw}
+            raw = with_legacy(raw["config"], p)  # a run directory's config.json: what it trained
     else:
         import tomllib
 

@@ -165,12 +165,14 @@ def _memory_bank(store_path: str, inode: int, mtime_ns: int, dataset: str, size:
     return MemoryBank(open_store(store_path).dataset(dataset).images(size))
 
 
-def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | None, workers: int) -> ImageBank:
+def _image_bank(ds: DatasetView, rows: np.ndarray, image_size: int, root: str | None, workers: int,
+                prefer: int | None = None) -> ImageBank:
     sizes = ds.image_sizes()
     if sizes:
-        # Prefer the smallest cached size that is at least the training size; resizing down is cheap.
+        # Prefer the smallest cached size that is at least the training size; resizing down is cheap. The
+        # augmented views' source size comes first: their noise fields live on its grid.
         fitting = [s for s in sizes if s >= image_size]
-        size = min(fitting) if fitting else max(sizes)
+        size = prefer if prefer in sizes else (min(fitting) if fitting else max(sizes))
         n_bytes = len(ds) * size * size * 3
         if n_bytes <= IN_MEMORY_LIMIT:
             st = os.stat(ds.store.path)
@@ -269,8 +271,9 @@ def load_split(store_path: str, spec: str, default_split: str, encoder: str | No
             f"{len(bad_rows)} label(s) of {name}:{split} in {store_path} are outside the classes 0..{len(ds.class_names) - 1} "
             f"(first: id {ds.ids[rows][bad_rows[0]]!r}, label {labels[bad_rows[0]]}); the store is damaged: "
             f"run `featcache verify {store_path}` and rebuild dataset {name!r} with `featcache build`")
-    bank = _image_bank(ds, rows, image_size, root, workers) if need_images else None
     views = _aug_views(ds, key, rows, store_path) if aug_views else None
+    prefer = views.recipe.get("image_size") if views is not None else None
+    bank = _image_bank(ds, rows, image_size, root, workers, prefer) if need_images else None
     data = SplitData(f"{name}:{split}", name, split, rows, ds.ids[rows], torch.from_numpy(labels),
                      torch.from_numpy(feats), bank, views)
     return data, {"key": key, **info}

@@ -69,7 +69,6 @@ class Engine:
         self.cfgs, self.runs, self.data, self.layout = cfgs, runs, data, layout
         self.progress, self.log, self.k = progress, log, len(cfgs)
         self.grouped = runs[0].group is not None  # a parallel group: metrics and logs say so
-        self.model: StackedModel | None = None
 
     def run(self) -> None:
         total = self.cfgs[0].epochs
@@ -83,8 +82,6 @@ class Engine:
             self._segment(active, m + 1, stop)
             for i in active:
                 done[i] = stop
-        if self.model is None:  # every run had finished: the caller may still evaluate the models
-            self.model = self._build(list(range(self.k)), total)[0]
 
     def _build(self, active: list[int], start: int):
         """The stacked model, Adam and scheduler of the ``active`` runs, restored from their checkpoints when
@@ -164,7 +161,6 @@ class Engine:
             self._check_finite(first_bad, bad_value, active, epoch, steps)  # the epoch's sync point
             sched.step()
             self._end_epoch(stacked, opt, sched, active, epoch, sums, correct, seen, time.perf_counter() - t0)
-        self.model = stacked
 
     def _end_epoch(self, stacked, opt, sched, active, epoch, sums, correct, seen, dt) -> None:
         ka, data = len(active), self.data

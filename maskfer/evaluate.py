@@ -100,7 +100,7 @@ def evaluate_run(run: Path, cache: str | None, tests: list[str], device: str | t
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model, cfg, stored = load_run(run, dev)
     cache = cache or cfg.cache
-    need_images = cfg.method_spec.needs_images or cfg.online_encoder
+    need_images = cfg.reads_images
     res = {"run": str(run), "train": cfg.train, "method": cfg.method, "label": run_label(cfg),
            "epochs_trained": stored["checkpoint_epoch"] + 1, "config_hash": stored.get("config_hash"),
            "encoder": stored["encoder"], "tests": {}}

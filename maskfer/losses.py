@@ -172,8 +172,21 @@ def stacked_cafe_loss(out: dict[str, torch.Tensor], y: torch.Tensor, spec: LossS
     ce = stacked_ce(logits, y)
     total, parts = ce, {"ce": ce.detach()}
     use_sep, use_div = any(spec.use_sep), any(spec.use_div)
+    masked = out.get("masked")
+    drawn = None
+    if keep is None and training and masked is not None and max(spec.draw_drops) > 0:
+        # drawn even when the models trained now use no separation loss: a sub-group catching up must consume
+        # the generator as the whole group does, or every later batch of the epoch gets other augmentations
+        b, k, c = masked.shape
+        t = spec.tensors(masked.device, masked.dtype)
+        groups = channel_groups(c, logits.shape[2])
+        rows = b if any(spec.draw_sample) else 1
+        drawn = per_model_keep(rows, groups, spec.draw_drops, generator, masked.device, masked.dtype,
+                               slots=None if spec.slots == list(range(len(spec.draw_drops))) else spec.slots,
+                               equal_path=len(set(spec.draw_drops)) == 1, tensors=t)
+        if rows > 1 and not all(spec.sample):  # "batch" models share row 0's pattern
+            drawn = torch.where(t["sample"].view(1, k, 1, 1), drawn, drawn[:1])
     if use_sep or use_div:
-        masked = out["masked"]
         b, k, c = masked.shape
         t = spec.tensors(masked.device, masked.dtype)
         mode = spec.groups
@@ -183,14 +196,8 @@ def stacked_cafe_loss(out: dict[str, torch.Tensor], y: torch.Tensor, spec: LossS
             if keep is not None:
                 keep = (pooled(keep.to(masked.dtype), groups, mode) if keep.dim() == 3
                         else pooled_keep(keep, groups, mode))
-            elif training and max(spec.draw_drops) > 0:
-                rows = b if any(spec.draw_sample) else 1
-                keep = per_model_keep(rows, groups, spec.draw_drops, generator, masked.device, masked.dtype,
-                                      slots=None if spec.slots == list(range(len(spec.draw_drops))) else spec.slots,
-                                      equal_path=len(set(spec.draw_drops)) == 1, tensors=t)
-                if rows > 1 and not all(spec.sample):  # "batch" models share row 0's pattern
-                    keep = torch.where(t["sample"].view(1, k, 1, 1), keep, keep[:1])
-                keep = pooled_keep(keep, groups, mode)
+            elif drawn is not None:
+                keep = pooled_keep(drawn, groups, mode)
             sep_logits = (windows * keep).amax(dim=3) if keep is not None else windows.amax(dim=3)
             sep = stacked_ce(sep_logits, y)
             total = total + t["lam"] * sep

@@ -25,6 +25,10 @@ class Method:
     def epoch_trained(self) -> bool:
         return self.fit == "epochs"
 
+    def reads_images(self, online_encoder: bool) -> bool:
+        """Whether runs of this method load images: for the model, or for --online-encoder to encode."""
+        return self.needs_images or online_encoder
+
     @property
     def online_encoder_ok(self) -> bool:
         """--online-encoder recomputes F every step of an epoch loop, so it needs both."""

@@ -12,7 +12,7 @@ import torch
 
 from featcache.encoders import EncoderError, create_encoder, fingerprint, preprocess_mode
 from featcache.encoders.batched import input_size, tensor_preprocess
-from featcache.views import apply_params
+from featcache.views import apply_params, resize01
 
 
 class OnlineEncoder:
@@ -39,7 +39,7 @@ class OnlineEncoder:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, params: torch.Tensor | None = None, noise_std: float = 0.0) -> torch.Tensor:
         """uint8 (B, H, W, 3) cached images, augmented by parameter rows when given -> features (B, C)."""
-        if params is None:
-            return self(images.permute(0, 3, 1, 2).float() / 255.0)
+        if params is None:  # evaluation: the plain image, rendered as the augmented ones are
+            return self(resize01(images.permute(0, 3, 1, 2).float() / 255.0, self.size))
         # rendered at the encoder's input size, as featcache build --aug-views renders the stored views
         return self(apply_params(images, params, self.size, noise_std))

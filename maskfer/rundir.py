@@ -229,7 +229,7 @@ class RunDir:
     """
 
     def __init__(self, path: Path, cfg, *, feat_dim: int, encoder: dict, source_image_size: int | None = None,
-                 group: dict | None = None, log=print):
+                 group: dict | None = None, views: dict | None = None, log=print):
         self.path, self.cfg, self.log, self.group = Path(path), cfg, log, group
         self.record = {"config": cfg.to_dict(), "config_hash": cfg.identity_hash(), "feat_dim": int(feat_dim),
                        "encoder": {**{k: encoder.get(k) for k in ("key", "spec", "fingerprint", "dim")},
@@ -240,6 +240,8 @@ class RunDir:
                        "source_image_size": source_image_size}
         if group is not None:
             self.record["parallel_group"] = group
+        if views is not None:  # --views augmented: which stored views the data stream draws from
+            self.record["aug_views"] = views
 
     @property
     def checkpoint(self) -> Path:
@@ -258,11 +260,15 @@ class RunDir:
         old, old_cfg = read_run_config(out)  # a damaged file: an error naming it and the field
         diff = []
         if old.get("config_hash") != self.record["config_hash"]:
-            old_id = old_cfg.identity()
-            diff = sorted(k for k, v in cfg.identity().items() if old_id.get(k) != v)
+            # every identity field of both (the record's fields newer than it hold their legacy values), so a
+            # switch TO a legacy value, which identity() leaves out, is seen too
+            diff = sorted(k for k in cfg.to_dict() if k not in cfg.NON_IDENTITY and getattr(old_cfg, k) != getattr(cfg, k))
+            diff = diff or [f"configuration hash ({old.get('config_hash')} there, {self.record['config_hash']} now)"]
         old_fp, new_fp = (old.get("encoder") or {}).get("fingerprint"), self.record["encoder"]["fingerprint"]
         if old_fp != new_fp:
             diff.append(f"encoder features (fingerprint {old_fp} there, {new_fp} in {cfg.cache})")
+        if old.get("aug_views") != self.record.get("aug_views"):  # e.g. views added to the store since
+            diff.append(f"augmented views ({old.get('aug_views')} there, {self.record.get('aug_views')} in {cfg.cache})")
         if diff:
             raise TrainError(f"run directory {out} holds a run with another configuration (differs in: "
                              f"{', '.join(diff)}). Use a new --out, or delete that directory to start over.")

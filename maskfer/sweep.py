@@ -26,7 +26,7 @@ import torch
 from featcache import StoreError, open_store
 from featcache.errors import FerError
 from maskfer import rundir
-from maskfer.batches import check_drop, check_online_encoder
+from maskfer.batches import check_drop, check_online_encoder, check_recipe, check_views
 from maskfer.config import (AXIS_FIELDS, DATA_FIELDS, OPTIONS, ConfigError, TrainConfig, coerce_value, field_for, flag,
                             split_spec, unknown_key_hint)
 from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder, resolve_split
@@ -219,9 +219,9 @@ def _check_images(ds, cfg: TrainConfig) -> None:
 def _check_data(cfg: TrainConfig, stores: dict) -> None:
     """What only the feature store knows about one configuration (what Trainer and evaluate_run would
     refuse after the sweep has started): datasets, splits, encoder, its feature dim against --drop,
-    cached images, the validation split, the test sets."""
-
+    cached images, augmented views, the validation split, the test sets."""
     check_online_encoder(cfg)
+    check_views(cfg)
     if cfg.cache not in stores:
         stores[cfg.cache] = open_store(cfg.cache)
     store = stores[cfg.cache]
@@ -230,11 +230,15 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
     info = ds.encoder_info(key)
     dim = int(info["dim"])
     check_drop(cfg, dim, key)
-    if cfg.method_spec.needs_images or cfg.online_encoder:
+    if cfg.views == "augmented":
+        if ds.aug_views(key) == 0:
+            raise DataError(f"--views augmented: dataset {ds.name!r} in {cfg.cache} has no augmented views of encoder "
+                            f"{key!r}; add them with `featcache build ... --aug-views K`, or use --views clean")
+        check_recipe(cfg, ds.aug_recipe(key) or {}, f"{ds.name} in {cfg.cache}")
+    if cfg.reads_images:
         _check_images(ds, cfg)
     holdout = parse_holdout(cfg.val_split)
     if holdout:
-
         labels = torch.from_numpy(ds.labels[rows])
         holdout_split(SplitData(f"{ds.name}:{split}", ds.name, split, rows, rows, labels,
                                 torch.zeros(len(rows), 0), None), holdout)
@@ -253,7 +257,7 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
                 f"test set {spec} in {cfg.cache} has encoder {key!r} features (dim {tinfo['dim']}, fingerprint "
                 f"{tinfo.get('fingerprint')}) unlike the training set {cfg.train} (dim {dim}, fingerprint "
                 f"{info.get('fingerprint')}): build the test set with the same --model")
-        if cfg.method_spec.needs_images:
+        if cfg.reads_images:
             _check_images(tds, cfg)
 
 

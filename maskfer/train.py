@@ -28,9 +28,10 @@ PROBE_HOLDOUT = 0.1  # share of the training split the probe picks its L2 streng
 
 
 def run_directory(cfg: TrainConfig, out: Path, data: TrainingData, group: dict | None = None, log=print) -> rundir.RunDir:
-    bank = data.train_data.bank
+    bank, views = data.train_data.bank, data.train_data.views
     return rundir.RunDir(out, cfg, feat_dim=data.feat_dim, encoder=data.enc_info, group=group, log=log,
-                         source_image_size=bank.size if bank is not None else None)
+                         source_image_size=bank.size if bank is not None else None,
+                         views=None if views is None else {"k": views.k, "seed": views.recipe.get("seed")})
 
 
 class Trainer:
@@ -42,7 +43,6 @@ class Trainer:
         self.data.check_drop(self.cfg)
         self.device, self.enc_info, self.feat_dim = self.data.device, self.data.enc_info, self.data.feat_dim
         self.run_dir = run_directory(self.cfg, self.out, self.data, log=log)
-        self.model: torch.nn.Module | None = None
 
     def run(self) -> dict:
         cfg, out = self.cfg, self.out
@@ -50,7 +50,6 @@ class Trainer:
             return self._fit_probe()
         engine = Engine([cfg], [self.run_dir], self.data, default_layout(self.device), self.progress, self.log)
         engine.run()
-        self.model = engine.model
         return {"epochs": cfg.epochs, "last": rundir.read_metrics(out)[-1]}
 
     def _fit_probe(self) -> dict:
@@ -60,18 +59,17 @@ class Trainer:
         fitted probe as a finished run.
         """
         cfg, out, data = self.cfg, self.out, self.data
-        done = self.run_dir.prepare() >= 0
-        model = create_model(cfg, self.feat_dim, data.feat_stats).to(self.device)
-        if done and not any(r.get("solver") == "lbfgs" for r in rundir.read_metrics(out)):
-            # method 'linear-probe' named the epoch-trained FC before the converged probe existed
-            raise TrainError(f"run directory {out} holds an epoch-trained linear head (what --method linear-probe "
-                             "trained before it became the converged L-BFGS probe; now --method linear-head), not "
-                             "a fitted probe. Use a new --out, or delete that directory to fit the probe")
-        if done:
+        if self.run_dir.prepare() >= 0:
+            # resume() first: it restores metrics.jsonl from the checkpoint (a kill between the two writes)
+            _, _, meta = self.run_dir.resume()
+            if not any(r.get("solver") == "lbfgs" for r in meta.get("metrics") or rundir.read_metrics(out)):
+                # method 'linear-probe' named the epoch-trained FC before the converged probe existed
+                raise TrainError(f"run directory {out} holds an epoch-trained linear head (what --method linear-probe "
+                                 "trained before it became the converged L-BFGS probe; now --method linear-head), "
+                                 "not a fitted probe. Use a new --out, or delete that directory to fit the probe")
             self.log(f"resuming {out}: the probe is already fitted")
-            model.load_state_dict(self.run_dir.resume()[0])
-            self.model = model
             return {"epochs": cfg.epochs, "last": rundir.read_metrics(out)[-1]}
+        model = create_model(cfg, self.feat_dim, data.feat_stats).to(self.device)
         train, select, refit = data.train_data, data.val_data, None
         if select is None:  # no validation data given: choose the L2 strength on a holdout, refit on all
             train, select = holdout_split(data.train_data, PROBE_HOLDOUT)
@@ -96,7 +94,6 @@ class Trainer:
         self.log(f"linear probe: L2 {fit.lam:.3g} chosen on {select.name} (val acc {fit.val_acc:.4f}), "
                  f"train acc {fit.train_acc:.4f}, {fit.iterations} L-BFGS iterations"
                  + ("" if fit.converged else " (NOT converged)"))
-        self.model = model
         return {"epochs": cfg.epochs, "last": row}
 
 
@@ -119,7 +116,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print, e
         info = trainer.enc_info
         try:
             check_test_sets(cfg.cache, cfg.test, info["key"], info.get("fingerprint"), trainer.feat_dim,
-                            cfg.method_spec.needs_images, cfg.root, trained=f"this run (training set {cfg.train})")
+                            cfg.reads_images, cfg.root, trained=f"this run (training set {cfg.train})")
         except DataError as e:
             raise TrainError(str(e)) from None
     summary = trainer.run()

@@ -34,7 +34,7 @@ ALLOWED_IN_FUNCTION = {
     ("featcache", "__getattr__"): "lazy public API of the package",
 }
 
-# Project imports inside functions in maskfer/, left for the engineers restructuring those files: this list is
+
 @dataclass(frozen=True)
 class Import:
     source: str        # importing module

@@ -77,6 +77,7 @@ KNOWN_HASHES = [
           encoder="tiny-clip", balanced=True, online_encoder=False, noise_std=0.1, mask_map="linear"),
      "4f9c2e336d04a50f"),
 ]
+NOISE_UNITS_CHANGED = 2  # KNOWN_HASHES[2] recorded noise in the old units: refused, not read back as another run
 
 
 # what a config.json recorded before the faithful-recipe fields existed holds besides the values above
@@ -89,7 +90,12 @@ OLD_DEFAULTS = dict(cache="", train="", test=[], method="cafe", backbone="resnet
 
 @pytest.mark.parametrize("kw,digest", KNOWN_HASHES)
 def test_identity_hash_of_existing_configs_is_unchanged(kw, digest):
-    """A run recorded before a field existed reads back (from_record) as what it trained and keeps its hash."""
+    """A run recorded before a field existed reads back (from_record) as what it trained and keeps its hash;
+    one whose noise was on in the old units is refused (its noise cannot be reproduced)."""
+    if KNOWN_HASHES.index((kw, digest)) == NOISE_UNITS_CHANGED:
+        with pytest.raises(ConfigError, match="noise_std 0.1 was recorded when it meant a std on"):
+            TrainConfig.from_record({**OLD_DEFAULTS, **kw})
+        return
     assert TrainConfig.from_record({**OLD_DEFAULTS, **kw}).identity_hash() == digest
 
 

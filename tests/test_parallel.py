@@ -409,3 +409,20 @@ def test_mismatched_groups_are_refused(store, tmp_path):
         train_parallel([a, small_cfg(store, drop=2)], [tmp_path / "x", tmp_path / "y"], progress=False, log=quiet)
     assert not (tmp_path / "x").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_catching_up_sub_group_without_separation_consumes_the_generator_like_the_whole_group():
+    """Runs of one group share one random stream; a lagging sub-group must draw the group's channel drops even
+    when its own models use no separation loss, or every later draw of the epoch (augmentation) shifts."""
+    cfgs = [small_cfg("unused.h5", drop=1), small_cfg("unused.h5", drop=1, separation=False)]
+    full, sub = LossSpec.from_configs(cfgs), LossSpec.from_configs(cfgs, slots=[1])
+    b, c = 4, 16
+    y = torch.arange(b) % 7
+    after = []
+    for spec in (full, sub):
+        g = torch.Generator().manual_seed(3)
+        k = spec.k
+        out = {"logits": torch.randn(b, k, 7), "masked": torch.randn(b, k, c)}
+        stacked_cafe_loss(out, y, spec, generator=g, training=True)
+        after.append(torch.rand(3, generator=g))
+    assert torch.equal(after[0], after[1])

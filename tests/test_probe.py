@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import maskfer_fixtures as mf
+from maskfer.config import TrainConfig
 from maskfer import rundir
 from maskfer.evaluate import load_run
 from maskfer.model import feature_stats
@@ -149,6 +150,7 @@ def test_an_epoch_trained_linear_probe_run_from_before_is_not_taken_for_a_fitted
     train(mf.small_cfg(store, method="linear-head", epochs=2), run, progress=False, log=mf.quiet)
     stored = rundir.read_json(run / rundir.CONFIG)
     stored["config"]["method"] = "linear-probe"      # what the run directory of the old method looks like
+    stored["config_hash"] = TrainConfig.from_record(stored["config"]).identity_hash()
     rundir.write_json(run / rundir.CONFIG, stored)
     cfg = mf.small_cfg(store, method="linear-probe", epochs=2)
     assert not _finished(run, cfg)

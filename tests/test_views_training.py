@@ -80,3 +80,65 @@ def test_train_says_once_where_it_cannot_follow_the_paper(store, tmp_path):
     train(mf.small_cfg(store, method="cafe"), tmp_path / "a", progress=False, log=logs.append)
     assert sum("MS-Celeb-1M" in m for m in logs) == 1
     assert paper_differences(mf.small_cfg(store, method="linear-head")) == []
+
+
+# ---------------------------------------------------------------- through a real store with --aug-views
+import pytest  # noqa: E402
+
+from maskfer.errors import TrainError  # noqa: E402
+from maskfer.config import ConfigError  # noqa: E402
+
+
+@pytest.fixture
+def views_store(fx_base, tiny_clip_dir, tmp_path):
+    root = mf.make_colour_dataset(tmp_path / "dv", {"train": 3, "test": 1}, seed=4)
+    path = tmp_path / "views.h5"
+    mf.build(path, "dv", root, tiny_clip_dir, ("train", "test"), aug_views=2)
+    return path, root
+
+
+def test_a_run_on_stored_views_records_them_and_refuses_to_resume_on_other_views(views_store, tiny_clip_dir,
+                                                                                   tmp_path):
+    from maskfer.train import train
+    from maskfer import rundir
+
+    store, root = views_store
+    cfg = mf.small_cfg(store, train="dv", views="augmented", epochs=1)
+    train(cfg, tmp_path / "run", progress=False, log=mf.quiet)
+    stored, _ = rundir.read_run_config(tmp_path / "run")
+    assert stored["aug_views"] == {"k": 2, "seed": 0}
+    mf.build(store, "dv", root, tiny_clip_dir, ("train", "test"), aug_views=3)  # views added since
+    with pytest.raises(TrainError, match=r"differs in: augmented views \(\{'k': 2"):
+        train(mf.small_cfg(store, train="dv", views="augmented", epochs=1), tmp_path / "run", progress=False,
+              log=mf.quiet)
+
+
+def test_stored_views_refuse_a_run_that_asks_for_another_augmentation_or_method(views_store, tmp_path):
+    store, _ = views_store
+    with pytest.raises(TrainError, match=r"drawn with another augmentation \(erase_p 0.5 there, 0.0 asked"):
+        Trainer(mf.small_cfg(store, train="dv", views="augmented", erasing=0.0), tmp_path / "r", log=mf.quiet)
+    for method in ("linear-probe", "baseline"):
+        with pytest.raises(ConfigError, match=f"--views augmented trains on stored augmented views .*\\({method}"):
+            Trainer(mf.small_cfg(store, train="dv", views="augmented", method=method), tmp_path / "r", log=mf.quiet)
+
+
+def test_resuming_with_a_field_switched_to_its_legacy_value_is_refused(store, tmp_path):
+    """identity() leaves a field out while it holds its legacy value; the resume check must still see it."""
+    from maskfer.train import train
+
+    train(mf.small_cfg(store, method="cafe", epochs=1), tmp_path / "run", progress=False, log=mf.quiet)
+    with pytest.raises(TrainError, match=r"differs in: groups\)"):
+        train(mf.small_cfg(store, method="cafe", epochs=1, groups="balanced"), tmp_path / "run", progress=False,
+              log=mf.quiet)
+
+
+def test_a_probe_killed_between_its_checkpoint_and_its_metrics_resumes(store, tmp_path):
+    from maskfer.train import train
+    from maskfer import rundir
+
+    run = tmp_path / "probe"
+    train(mf.small_cfg(store, method="linear-probe"), run, progress=False, log=mf.quiet)
+    (run / rundir.METRICS).unlink()  # the kill came after the checkpoint, before metrics.jsonl
+    logs = []
+    train(mf.small_cfg(store, method="linear-probe"), run, progress=False, log=logs.append)
+    assert any("already fitted" in m for m in logs) and rundir.read_metrics(run)[-1]["solver"] == "lbfgs"
