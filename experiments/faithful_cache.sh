@@ -8,7 +8,7 @@
 # Scaled down to this 2-core CPU (say so next to every number): FERPlus train subset of 600 images -> FERPlus
 # test subset (600) and muxspace subset (800), 48 px cached images, ResNet-18 from scratch at 48 px, EPOCHS
 # epochs (default 10), batch 32, the official recipe's defaults otherwise. The subsets' manifests are
-# OUT/ferplus_small.toml and OUT/muxspace_small.toml (made by experiments/faithful_subsets.py).
+# OUT/ferplus_small.toml and OUT/muxspace_small.toml (python experiments/faithful_subsets.py ...).
 # Needs $DATA (../shared/data/fer). Two runs go side by side, one CPU thread each.
 set -euo pipefail
 ENC=${1:?encoder, e.g. efficientnet-lite0}
