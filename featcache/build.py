@@ -481,6 +481,34 @@ def build_store(
     return report
 
 
+class _ShardWriter:
+    """Batches of encoded records gathered into journal shards: one is written every ``flush_seconds`` or at
+    SHARD_BYTES, whichever comes first, and on any exit of the block, so a finished batch is never lost."""
+
+    def __init__(self, journal: Journal, flush_seconds: float):
+        self.journal, self.flush_seconds = journal, flush_seconds
+        self.seq, self.pending, self.bytes, self.last = journal.next_seq(), [], 0, time.monotonic()
+
+    def add(self, rec: dict[str, np.ndarray]) -> None:
+        self.pending.append(rec)
+        self.bytes += sum(a.nbytes for a in rec.values())
+        if time.monotonic() - self.last >= self.flush_seconds or self.bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.journal.write_shard(self.seq, **{k: np.concatenate([p[k] for p in self.pending])
+                                                  for k in self.pending[0]})
+            self.seq, self.pending, self.bytes = self.seq + 1, [], 0
+        self.last = time.monotonic()
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+
 def _run(enc, dev, precision, items, todo, journal, need_feats, image_size, batch_size, workers, on_error,
          flush_seconds, progress, ds_name, allow_skip, max_pixels=DEFAULT_MAX_PIXELS) -> int:
     dataset = _DecodeDataset(items, todo, enc.preprocess if need_feats else None, image_size, max_pixels)
@@ -494,55 +522,36 @@ def _run(enc, dev, precision, items, todo, journal, need_feats, image_size, batc
         pin_memory=dev.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
-    seq = journal.next_seq()
-    pending: list[dict] = []
-    pending_bytes = 0
-    last_flush = time.monotonic()
     encoded = 0
-
-    def flush():
-        nonlocal seq, pending, pending_bytes, last_flush
-        if pending:
-            arrays = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-            journal.write_shard(seq, **arrays)
-            seq += 1
-            pending, pending_bytes = [], 0
-        last_flush = time.monotonic()
-
-    with progress_bar(f"encoding {ds_name}", total=len(todo), enabled=progress) as advance:
-        try:
-            for batch in loader:
-                ok = batch["ok"]
-                if not ok.all():
-                    bad = int(np.flatnonzero(~ok)[0])
-                    reason = str(batch["reason"][bad])
-                    if on_error == "fail" or not allow_skip:
-                        hint = (
-                            "rerun with --on-error skip to record and skip it"
-                            if allow_skip
-                            else "this image is already a row of the stored dataset, so it cannot be skipped now: "
-                            "fix or restore the file"
-                        )
-                        raise BuildError(f"cannot encode {reason}; {hint}. Images encoded so far are kept.")
-                rec = {"idx": batch["idx"], "ok": ok, "reason": batch["reason"]}
-                if need_feats:
-                    feats = np.zeros((len(ok), 2, enc.dim), dtype=np.float32)
-                    if batch["pixels"] is not None:
-                        feats[ok] = encode_views(enc, batch["pixels"], dev, precision)
-                    rec["feats"] = feats
-                if image_size:
-                    imgs = np.zeros((len(ok), image_size, image_size, 3), dtype=np.uint8)
-                    if batch["images"] is not None:
-                        imgs[ok] = batch["images"]
-                    rec["images"] = imgs
-                pending.append(rec)
-                pending_bytes += sum(a.nbytes for a in rec.values())
-                encoded += int(ok.sum())
-                advance(len(ok))
-                if time.monotonic() - last_flush >= flush_seconds or pending_bytes >= SHARD_BYTES:
-                    flush()
-        finally:
-            flush()  # on any exit, a finished batch is never lost
+    with progress_bar(f"encoding {ds_name}", total=len(todo), enabled=progress) as advance, \
+            _ShardWriter(journal, flush_seconds) as shards:
+        for batch in loader:
+            ok = batch["ok"]
+            if not ok.all():
+                bad = int(np.flatnonzero(~ok)[0])
+                reason = str(batch["reason"][bad])
+                if on_error == "fail" or not allow_skip:
+                    hint = (
+                        "rerun with --on-error skip to record and skip it"
+                        if allow_skip
+                        else "this image is already a row of the stored dataset, so it cannot be skipped now: "
+                        "fix or restore the file"
+                    )
+                    raise BuildError(f"cannot encode {reason}; {hint}. Images encoded so far are kept.")
+            rec = {"idx": batch["idx"], "ok": ok, "reason": batch["reason"]}
+            if need_feats:
+                feats = np.zeros((len(ok), 2, enc.dim), dtype=np.float32)
+                if batch["pixels"] is not None:
+                    feats[ok] = encode_views(enc, batch["pixels"], dev, precision)
+                rec["feats"] = feats
+            if image_size:
+                imgs = np.zeros((len(ok), image_size, image_size, 3), dtype=np.uint8)
+                if batch["images"] is not None:
+                    imgs[ok] = batch["images"]
+                rec["images"] = imgs
+            shards.add(rec)
+            encoded += int(ok.sum())
+            advance(len(ok))
     return encoded
 
 
@@ -735,44 +744,26 @@ def _run_aug(out, ds_name, enc, dev, precision, ids, k0, views, seed, recipe, si
              batch_size, flush_seconds, progress) -> int:
     n = len(ids)
     keys = image_keys(ids)
-    params = torch.cat([view_params(keys, range(k, k + 1), recipe, seed) for k in range(k0, views)], 1)
+    params = view_params(keys, range(k0, views), recipe, seed)  # (n, views - k0, len(PARAMS))
     prep = tensor_preprocess(enc)
     ctx, _ = _autocast(dev, precision)
-    seq = journal.next_seq()
-    pending: list[dict] = []
-    pending_bytes, encoded = 0, 0
-    last_flush = time.monotonic()
-
-    def flush():
-        nonlocal seq, pending, pending_bytes, last_flush
-        if pending:
-            journal.write_shard(seq, **{k: np.concatenate([p[k] for p in pending]) for k in pending[0]})
-            seq += 1
-            pending, pending_bytes = [], 0
-        last_flush = time.monotonic()
-
+    encoded = 0
     with h5py.File(out, "r") as f, progress_bar(f"augmented views {ds_name}", total=len(todo),
-                                                  enabled=progress) as advance:
+                                                  enabled=progress) as advance, \
+            _ShardWriter(journal, flush_seconds) as shards:
         images = f["datasets"][ds_name]["images"][str(size)]
-        try:
-            for start in range(0, len(todo), batch_size):
-                t = todo[start:start + batch_size]
-                v_rel, rows = np.divmod(t, n)
-                p = params[torch.from_numpy(rows), torch.from_numpy(v_rel)]
-                x = torch.from_numpy(st._take(images, rows)).to(dev, non_blocking=True)
-                with torch.inference_mode():
-                    pix = prep(apply_params(x, p, insize, recipe.noise_std))
-                    with ctx:
-                        feats = enc.module(pix)
-                rec = {"idx": t, "feats": feats.float().cpu().numpy(), "params": p.numpy()}
-                pending.append(rec)
-                pending_bytes += sum(a.nbytes for a in rec.values())
-                encoded += len(t)
-                advance(len(t))
-                if time.monotonic() - last_flush >= flush_seconds or pending_bytes >= SHARD_BYTES:
-                    flush()
-        finally:
-            flush()  # on any exit, a finished batch is never lost
+        for start in range(0, len(todo), batch_size):
+            t = todo[start:start + batch_size]
+            v_rel, rows = np.divmod(t, n)
+            p = params[torch.from_numpy(rows), torch.from_numpy(v_rel)]
+            x = torch.from_numpy(st._take(images, rows)).to(dev, non_blocking=True)
+            with torch.inference_mode():
+                pix = prep(apply_params(x, p, insize, recipe.noise_std))
+                with ctx:
+                    feats = enc.module(pix)
+            shards.add({"idx": t, "feats": feats.float().cpu().numpy(), "params": p.numpy()})
+            encoded += len(t)
+            advance(len(t))
     return encoded
 
 

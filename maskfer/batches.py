@@ -13,10 +13,11 @@ import torch
 
 from featcache.devices import DeviceError, resolve_device
 from featcache.views import draw_params
-from maskfer.augment import augment_with, prepare_images, recipe_of
+from maskfer.augment import augment_with, recipe_of
 from maskfer.config import ConfigError, TrainConfig
 from maskfer.data import DataError, SplitData, holdout_split, load_split, parse_holdout
 from maskfer.errors import TrainError
+from maskfer.evaluate import eval_inputs
 from maskfer.methods import get_method, method_names
 from maskfer.model import NUM_CLASSES, feature_stats
 from maskfer.online import OnlineEncoder
@@ -149,7 +150,6 @@ class TrainingData:
         if method.needs_images and method.epoch_trained and len(self.train_data) < 2:
             raise TrainError(f"{self.train_data.name} has {len(self.train_data)} training image(s): the {cfg.backbone} "
                              "backbone's BatchNorm needs at least 2 per batch")
-        self.cnn_images = method.needs_images   # False: images are loaded for the online encoder only
         self.online = None
         if cfg.online_encoder:
             check_online_encoder(cfg)
@@ -174,11 +174,9 @@ class TrainingData:
         """
         cfg, dev, n = self.cfg, self.device, len(pos)
         y = data.labels[pos].to(dev)
-        imgs = data.bank.get(data.rows[pos.numpy()]).to(dev, non_blocking=True) if data.bank is not None else None
         if not train:
-            x = prepare_images(imgs, cfg.image_size) if imgs is not None else None
-            feats = self.online.encode(imgs) if self.online is not None else data.feats[pos, 0].to(dev)
-            return Batch(x, feats, y)
+            return Batch(*eval_inputs(data, pos, cfg.image_size, dev, self.online), y)
+        imgs = data.bank.get(data.rows[pos.numpy()]).to(dev, non_blocking=True) if data.bank is not None else None
         rows = torch.arange(n, device=dev)
         if data.views is not None:  # --views augmented
             v = torch.randint(data.views.k, (n,), generator=gen, device=dev)
@@ -189,7 +187,9 @@ class TrainingData:
             params = draw_params(n, self.recipe, gen, device=dev)
             feats = data.feats[pos].to(dev)[rows, (params[:, 0] > 0.5).long()]
             noise_std = self.recipe.noise_std
-        x = augment_with(imgs, params, cfg.image_size, noise_std) if imgs is not None and self.cnn_images else None
+        # images loaded for the online encoder only (a features-only method) do not reach the model
+        x = augment_with(imgs, params, cfg.image_size, noise_std) if imgs is not None and cfg.method_spec.needs_images \
+            else None
         if self.online is not None:
             feats = self.online.encode(imgs, params, noise_std)
         return Batch(x, feats, y)

@@ -279,16 +279,20 @@ def load_split(store_path: str, spec: str, default_split: str, encoder: str | No
     return data, {"key": key, **info}
 
 
-def _aug_views(ds: DatasetView, key: str, rows: np.ndarray, store_path: str) -> AugViews:
-    k = ds.aug_views(key)
-    if k == 0:
+def require_aug_views(ds: DatasetView, key: str, store_path: str) -> dict:
+    """The recipe of the dataset's augmented views of encoder ``key`` (--views augmented); DataError without."""
+    if ds.aug_views(key) == 0:
         raise DataError(f"--views augmented: dataset {ds.name!r} in {store_path} has no augmented views of encoder "
                         f"{key!r}; add them with `featcache build --dataset ... --cache {store_path} --aug-views K` "
                         "(the same --model), or train with --views clean")
+    return ds.aug_recipe(key) or {}
+
+
+def _aug_views(ds: DatasetView, key: str, rows: np.ndarray, store_path: str) -> AugViews:
+    recipe = require_aug_views(ds, key, store_path)
     feats = ds.aug_features(key, rows)
     bad = ~np.isfinite(feats).all(axis=(1, 2))
     if bad.any():
         raise DataError(f"{bad.sum()} augmented-view rows of {ds.name} (encoder {key}) contain NaN/inf, first id "
                         f"{ds.ids[rows][bad][0]!r}; run `featcache verify {store_path}`")
-    return AugViews(torch.from_numpy(feats).float(), torch.from_numpy(ds.aug_params(key, rows)).float(),
-                    ds.aug_recipe(key) or {})
+    return AugViews(torch.from_numpy(feats).float(), torch.from_numpy(ds.aug_params(key, rows)).float(), recipe)

@@ -28,6 +28,16 @@ class EvalError(FerError):
     pass
 
 
+def eval_inputs(data: SplitData, pos: torch.Tensor, image_size: int, device: torch.device, encoder=None
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The model inputs of rows ``pos`` at evaluation: the plain image (when the split has images) and the
+    original, unflipped view's features, or with ``encoder`` the image's encoding."""
+    imgs = data.bank.get(data.rows[pos.numpy()]).to(device) if data.bank is not None else None
+    x = prepare_images(imgs, image_size) if imgs is not None else None
+    feats = encoder.encode(imgs) if encoder is not None else data.feats[pos, 0].to(device)
+    return x, feats
+
+
 @torch.no_grad()
 def predict_logits(model, data: SplitData, image_size: int, device: torch.device, batch_size: int = 128,
                    output: str = "logits", encoder=None) -> torch.Tensor:
@@ -38,11 +48,7 @@ def predict_logits(model, data: SplitData, image_size: int, device: torch.device
     model.eval()
     out = []
     for s in range(0, len(data), batch_size):
-        pos = torch.arange(s, min(s + batch_size, len(data)))
-        imgs = data.bank.get(data.rows[pos.numpy()]).to(device) if data.bank is not None else None
-        x = prepare_images(imgs, image_size) if imgs is not None else None
-        # evaluation uses the original (unflipped) view
-        feats = encoder.encode(imgs) if encoder is not None else data.feats[pos, 0].to(device)
+        x, feats = eval_inputs(data, torch.arange(s, min(s + batch_size, len(data))), image_size, device, encoder)
         out.append(model(x, feats)[output].float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(CLASSES) if output == "logits" else 0)
 

@@ -29,7 +29,8 @@ from maskfer import rundir
 from maskfer.batches import check_drop, check_online_encoder, check_recipe, check_views
 from maskfer.config import (AXIS_FIELDS, DATA_FIELDS, OPTIONS, ConfigError, TrainConfig, coerce_value, field_for, flag,
                             split_spec, unknown_key_hint)
-from maskfer.data import DataError, SplitData, holdout_split, parse_holdout, resolve_encoder, resolve_split
+from maskfer.data import (DataError, SplitData, holdout_split, parse_holdout, require_aug_views, resolve_encoder,
+                          resolve_split)
 from maskfer.evaluate import evaluate_run
 from maskfer.parallel import group_key, train_parallel
 from maskfer.train import Trainer, paper_differences
@@ -231,10 +232,7 @@ def _check_data(cfg: TrainConfig, stores: dict) -> None:
     dim = int(info["dim"])
     check_drop(cfg, dim, key)
     if cfg.views == "augmented":
-        if ds.aug_views(key) == 0:
-            raise DataError(f"--views augmented: dataset {ds.name!r} in {cfg.cache} has no augmented views of encoder "
-                            f"{key!r}; add them with `featcache build ... --aug-views K`, or use --views clean")
-        check_recipe(cfg, ds.aug_recipe(key) or {}, f"{ds.name} in {cfg.cache}")
+        check_recipe(cfg, require_aug_views(ds, key, cfg.cache), f"{ds.name} in {cfg.cache}")
     if cfg.reads_images:
         _check_images(ds, cfg)
     holdout = parse_holdout(cfg.val_split)
