@@ -158,64 +158,109 @@ def evaluate(ctx, runs, cache, test, table_out, old_out, device, as_json, trust_
         _log(note)
 
 
+_DETECTORS = ("blazeface", "blazeface-short", "none")  # maskfer.faces.DETECTORS (not imported: no torch at start)
+
+
 @main.command()
-@click.option("--run", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--run", default=None, type=click.Path(file_okay=False, exists=True),
+              help="A run directory of `maskfer train` (its last checkpoint).")
+@click.option("--model", "model", default=None, metavar="DIR_OR_HUB_ID",
+              help="A packaged model instead of --run: a `maskfer export` folder or a Hugging Face hub id.")
 @click.argument("inputs", nargs=-1, required=True)
+@click.option("--detect", default="blazeface", show_default=True, type=click.Choice(_DETECTORS),
+              help="Face detector: blazeface (MediaPipe full range: faces up to ~5 m), blazeface-short (faces "
+                   "filling the frame), none (every image is one pre-cropped face).")
+@click.option("--every", default=1, show_default=True, type=click.IntRange(1),
+              help="Videos: classify every N-th frame.")
+@click.option("--format", "fmt", default=None, type=click.Choice(["text", "csv", "json"]),
+              help="Output format. Default: from the --output suffix, else text lines; csv/json without "
+                   "--output print to stdout.")
 @click.option("--output", "out_file", default=None, metavar="FILE.csv|FILE.json", type=click.Path(dir_okay=False),
               help="Write results to a .json or .csv file instead of printing them.")
 @renamed_option("--out", type=click.Path(dir_okay=False))
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per batch.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Faces per batch.")
 @click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the run's config.json"))
 @click.pass_context
-def predict(ctx, run, inputs, out_file, old_out, device, batch_size, trust_plugins):
-    """Class probabilities for images or folders of images, with a trained run.
+def predict(ctx, run, model, inputs, detect, every, fmt, out_file, old_out, device, batch_size, trust_plugins):
+    """Expressions of the faces in images, folders and videos: one row per face (per sampled frame).
+
+    Faces are detected, aligned by the eyes and classified; an image without a face gives a "no face" row.
 
     \b
     Examples:
-      maskfer predict --run runs/cafe face.jpg
-      maskfer predict --run runs/cafe photos/ --output predictions.csv
+      maskfer predict --run runs/cafe group_photo.jpg
+      maskfer predict --model models/cafe photos/ --output predictions.csv
+      maskfer predict --run runs/cafe clip.mp4 --every 5 --format json > clip.json
+      maskfer predict --run runs/cafe --detect none aligned_faces/
     """
     out_file, note = pick_renamed(ctx, "out_file", out_file, old_out, "--out", "--output")
+    if (run is None) == (model is None):
+        raise click.UsageError("give one of --run RUN_DIR or --model DIR_OR_HUB_ID")
 
     def go():
-        from featcache.taxonomy import CLASSES
         from maskfer.predict import predict as run_predict
+        from maskfer.prediction_table import format_rows
 
-        res = run_predict(run, list(inputs), device=device, batch_size=batch_size, trust_plugins=trust_plugins)
-        if out_file and out_file.endswith(".json"):
-            Path(out_file).write_text(json.dumps(res, indent=2))
-        elif out_file:
-            import csv
-
-            with open(out_file, "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["path", "prediction", *CLASSES, "error"])
-                for r in res:
-                    probs = r.get("probabilities", {})
-                    w.writerow([r["path"], r.get("prediction", ""), *[f"{probs[c]:.6f}" if probs else "" for c in CLASSES],
-                                r.get("error", "")])
-        else:
-            for r in res:
-                if "error" in r:
-                    click.echo(f"{r['path']}: ERROR {r['error']}")
-                else:
-                    top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3]
-                    click.echo(f"{r['path']}: {r['prediction']}  (" + ", ".join(f"{c} {p:.3f}" for c, p in top) + ")")
+        res = run_predict(run, list(inputs), device=device, batch_size=batch_size, trust_plugins=trust_plugins,
+                          model=model, detect=detect, every=every)
+        form = fmt or ("json" if out_file and out_file.endswith(".json") else "csv" if out_file else "text")
+        text = format_rows(res, form)
         if out_file:
-            click.echo(f"wrote {len(res)} predictions to {out_file}")
+            Path(out_file).write_text(text)
+            click.echo(f"wrote {len(res)} rows to {out_file}")
+        else:
+            click.echo(text, nl=False)
         failed = sum("error" in r for r in res)
         if failed == len(res):  # nothing predicted is a failure, whatever was written
             from maskfer.evaluate import EvalError
 
-            raise EvalError(f"none of the {len(res)} image(s) could be predicted (the errors are listed "
+            raise EvalError(f"none of the {len(res)} input(s) could be predicted (the errors are listed "
                             f"{'in ' + out_file if out_file else 'above'})")
         if failed:  # partial success: exit 0, the failures are listed with the predictions
-            _log(f"note: {failed} of {len(res)} image(s) could not be predicted (listed as errors)")
+            _log(f"note: {failed} of {len(res)} input(s) could not be predicted (listed as errors)")
+        faceless = sum(r.get("face", 0) is None and "error" not in r for r in res)
+        if faceless:
+            _log(f"note: no face found in {faceless} image(s)/frame(s)"
+                 + ("" if detect == "none" else "; for pre-cropped faces use --detect none"))
 
     _run(go)
     if note:
         _log(note)
+
+
+@main.command(name="export")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", default="hf", show_default=True, type=click.Choice(["hf", "onnx"]),
+              help="hf: config.json + model.safetensors + README.md model card (Predictor.from_pretrained); "
+                   "onnx: also DIR/model.onnx, one graph from aligned face pixels to probabilities.")
+@click.option("--push-to-hub", default=None, metavar="OWNER/NAME", help="Upload the folder to this hub repository.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
+@click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the run's config.json"))
+def export(run, out, fmt, push_to_hub, private, trust_plugins):
+    """Package a run as a self-contained model folder (Hugging Face layout).
+
+    \b
+    Examples:
+      maskfer export runs/cafe models/cafe-ferplus
+      maskfer export runs/cafe models/cafe-ferplus --format onnx
+      maskfer export runs/cafe models/cafe-ferplus --push-to-hub me/cafe-ferplus
+      python -c "from maskfer import Predictor; print(Predictor.from_pretrained('models/cafe-ferplus').predict('a.jpg'))"
+    """
+    def go():
+        from maskfer.export import export_model, push_folder
+
+        folder = export_model(run, out, log=_log)
+        if fmt == "onnx":
+            from maskfer.onnx_export import export_onnx
+
+            export_onnx(run, folder / "model.onnx", trust_plugins=trust_plugins)
+            _log(f"wrote {folder / 'model.onnx'}")
+        if push_to_hub:
+            push_folder(folder, push_to_hub, private=private, log=_log)
+
+    _run(go)
 
 
 @main.command()

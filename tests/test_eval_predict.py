@@ -144,14 +144,14 @@ def _eval_probs(run: Path, store: Path, spec: str) -> dict[str, np.ndarray]:
 def test_predict_equals_eval_through_the_store(store, fx_base, cafe_run, probe_run, which):
     run = cafe_run if which == "cafe" else probe_run
     root = fx_base / "domA"
-    res = predict(run, [str(root / "test")], device="cpu")
+    res = predict(run, [str(root / "test")], device="cpu", detect="none")
     expected = _eval_probs(run, store, "domA:test")
     assert len(res) == len(expected) == 14
     for r in res:
         p = np.array([r["probabilities"][c] for c in CLASSES])
         assert p.sum() == pytest.approx(1.0, abs=1e-5)
         assert r["prediction"] == CLASSES[int(p.argmax())]
-        rel = Path(r["path"]).relative_to(root).as_posix()
+        rel = Path(r["input"]).relative_to(root).as_posix()
         np.testing.assert_allclose(p, expected[rel], atol=1e-5)
 
 
@@ -166,10 +166,10 @@ def test_predict_walks_folders_and_reports_unreadable_files(tmp_path, fx_base, c
     (tmp_path / "in" / "notes.txt").write_text("not an image, not listed")
     single = tmp_path / "single.jpg"
     single.write_bytes(b"")                                   # given explicitly: reported, not fatal
-    res = predict(cafe_run, [str(tmp_path / "in"), str(single)], device="cpu", batch_size=2)
-    paths = [Path(r["path"]).name for r in res]
+    res = predict(cafe_run, [str(tmp_path / "in"), str(single)], device="cpu", batch_size=2, detect="none")
+    paths = [Path(r["input"]).name for r in res]
     assert sorted(paths) == ["broken.png", "img0.png", "img1.png", "img2.png", "single.jpg"]
-    errors = {Path(r["path"]).name: r["error"] for r in res if "error" in r}
+    errors = {Path(r["input"]).name: r["error"] for r in res if "error" in r}
     assert set(errors) == {"broken.png", "single.jpg"}
     assert "not an image" in errors["broken.png"] and "zero-byte" in errors["single.jpg"]
     for r in res:

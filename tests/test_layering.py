@@ -32,6 +32,8 @@ ALLOWED_IN_FUNCTION = {
     # need FerError at start) must not load h5py and numpy (~80 ms), while `from featcache import open_store`
     # keeps working. Guarded by test_cli_start_loads_no_heavy_library below.
     ("featcache", "__getattr__"): "lazy public API of the package",
+    # the same for `from maskfer import Predictor`: `import maskfer` (both CLIs, for FerError) stays torch-free
+    ("maskfer", "__getattr__"): "lazy public API of the package",
 }
 
 

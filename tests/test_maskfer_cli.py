@@ -157,29 +157,36 @@ def test_cli_predict_csv_json_and_print(fx_base, two_runs, tmp_path):
     src = fx_base / "domA" / "test"
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    r = invoke("predict", "--run", a, src, broken, "--output", tmp_path / "p.csv", "--device", "cpu")
+    none = ("--detect", "none", "--device", "cpu")
+    r = invoke("predict", "--run", a, src, broken, "--output", tmp_path / "p.csv", *none)
     assert r.exit_code == 0, r.output
     with open(tmp_path / "p.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 15 and list(rows[0]) == ["path", "prediction", *CLASSES, "error"]
-    bad = [x for x in rows if x["error"]]
-    assert len(bad) == 1 and bad[0]["path"] == str(broken) and "not an image" in bad[0]["error"]
+    assert len(rows) == 15 and list(rows[0]) == ["input", "frame", "time", "face", "x0", "y0", "x1", "y1", "score",
+                                                 "prediction", *CLASSES, "note"]
+    bad = [x for x in rows if x["note"]]
+    assert len(bad) == 1 and bad[0]["input"] == str(broken) and "not an image" in bad[0]["note"]
     for x in rows:
-        if not x["error"]:
+        if not x["note"]:
             probs = [float(x[c]) for c in CLASSES]
             assert sum(probs) == pytest.approx(1.0, abs=1e-4) and x["prediction"] == CLASSES[probs.index(max(probs))]
-    assert "wrote 15 predictions" in r.stdout
+            assert x["face"] == "0" and (x["x0"], x["y0"]) == ("0.0", "0.0")
+    assert "wrote 15 rows" in r.stdout
 
-    r = invoke("predict", "--run", a, src, "--output", tmp_path / "p.json", "--device", "cpu")
+    r = invoke("predict", "--run", a, src, "--output", tmp_path / "p.json", *none)
     res = json.loads((tmp_path / "p.json").read_text())
-    assert len(res) == 14 and all(set(x) == {"path", "prediction", "probabilities"} for x in res)
-    got = {x["path"]: x["prediction"] for x in res}
-    assert {x["path"]: x["prediction"] for x in rows if not x["error"]} == got
+    assert len(res) == 14 and all({"input", "face", "box", "prediction", "probabilities"} <= set(x) for x in res)
+    got = {x["input"]: x["prediction"] for x in res}
+    assert {x["input"]: x["prediction"] for x in rows if not x["note"]} == got
+    # --format json without --output: the same rows on stdout
+    r = invoke("predict", "--run", a, src, "--format", "json", *none)
+    assert json.loads(r.stdout) == res
 
-    r = invoke("predict", "--run", a, src / "anger", broken, "--device", "cpu")
+    r = invoke("predict", "--run", a, src / "anger", broken, *none)
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[-1].startswith(f"{broken}: ERROR")
-    assert re.match(r".*anger_000\.png: \w+ {2}\(\w+ \d\.\d{3}, \w+ \d\.\d{3}, \w+ \d\.\d{3}\)$", lines[0])
+    assert re.match(r".*anger_000\.png face 0 \[0,0,\d+,\d+\]: \w+ {2}\(\w+ \d\.\d{3}, \w+ \d\.\d{3}, \w+ \d\.\d{3}\)$",
+                    lines[0]), lines[0]
 
 
 # ---------------------------------------------------------------- errors are one line, exit 1, no traceback
@@ -212,7 +219,7 @@ def test_cli_errors(store, tmp_path, fx_base, tiny_clip_dir):
     _assert_clean_error(invoke("eval", "--run", tmp_path, "--test", "domA", "--cache", store),
                         "not a maskfer run directory")
     _assert_clean_error(invoke("eval", "--run", run, "--test", "domZ", "--device", "cpu"), "has no dataset 'domZ'")
-    _assert_clean_error(invoke("predict", "--run", run, tmp_path / "missing.png"), "no such file or folder")
+    _assert_clean_error(invoke("predict", "--run", run, "--detect", "none", tmp_path / "missing.png"), "no such file or folder")
 
 
 def test_cli_ctrl_c_says_how_to_resume(store, tmp_path, monkeypatch):

@@ -407,19 +407,19 @@ def predicted(monkeypatch) -> None:
 
     probs = {c: 1.0 / len(CLASSES) for c in CLASSES}
     monkeypatch.setattr(maskfer.predict, "predict",
-                        lambda run, inputs, **kw: [{"path": p, "prediction": CLASSES[0], "probabilities": probs}
-                                                   for p in inputs])
+                        lambda run, inputs, **kw: [{"input": p, "face": 0, "prediction": CLASSES[0],
+                                                    "probabilities": probs} for p in inputs])
 
 
 def test_old_out_spellings_still_work_with_a_one_line_note(tmp_path, predicted):
     r = invoke(maskfer_main, "predict", "--run", tmp_path, "a.png", "--out", tmp_path / "p.csv")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "p.csv").read_text().startswith("path,prediction")
+    assert (tmp_path / "p.csv").read_text().startswith("input,frame,time,face")
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note:")]
     assert notes == ["note: --out is now --output here (--out always names a directory); the old spelling still "
                      "works"]
     r = invoke(maskfer_main, "predict", "--run", tmp_path, "a.png", "--output", tmp_path / "q.json")
-    assert r.exit_code == 0 and json.loads((tmp_path / "q.json").read_text())[0]["path"] == "a.png"
+    assert r.exit_code == 0 and json.loads((tmp_path / "q.json").read_text())[0]["input"] == "a.png"
     assert "note:" not in r.stderr
     # both spellings at once: a usage error, nothing run
     r = invoke(maskfer_main, "predict", "--run", tmp_path, "a.png", "--output", tmp_path / "x.csv", "--out",

@@ -50,14 +50,14 @@ def test_muxspace_build_train_eval_predict(fer_data_dir, tiny_clip_dir, tmp_path
     # predict on real files (spread over the listing: several sizes and colour modes) equals evaluation
     run = results["cafe"]
     ids = ds.ids[:: len(ds.ids) // 5][:5].tolist()
-    res = predict(run, [str(root / i) for i in ids], device="cpu")
+    res = predict(run, [str(root / i) for i in ids], device="cpu", detect="none")
     model, cfg, stored = load_run(run, torch.device("cpu"))
     data, _ = load_split(str(store), "muxspace:all", "test", stored["encoder"]["key"], True, cfg.image_size)
     pos = ds.index_of(ids)
     sub = dataclasses.replace(data, rows=data.rows[pos], ids=data.ids[pos], labels=data.labels[pos],
                               feats=data.feats[pos])
     expected = torch.softmax(predict_logits(model, sub, cfg.image_size, torch.device("cpu")), 1).numpy()
-    assert [r["path"] for r in res] == [str(root / i) for i in ids]
+    assert [r["input"] for r in res] == [str(root / i) for i in ids]
     for r, e in zip(res, expected):
         p = np.array([r["probabilities"][c] for c in CLASSES])
         assert p.sum() == pytest.approx(1, abs=1e-5) and r["prediction"] == CLASSES[int(p.argmax())]
