@@ -178,18 +178,21 @@ _DETECTORS = ("blazeface", "blazeface-short", "none")  # maskfer.faces.DETECTORS
 @click.option("--output", "out_file", default=None, metavar="FILE.csv|FILE.json", type=click.Path(dir_okay=False),
               help="Write results to a .json or .csv file instead of printing them.")
 @renamed_option("--out", type=click.Path(dir_okay=False))
+@click.option("--annotate", "annotate_dir", default=None, metavar="DIR", type=click.Path(file_okay=False),
+              help="Also write each image with its faces' boxes, keypoints and expressions to DIR.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Faces per batch.")
 @click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the run's config.json"))
 @click.pass_context
-def predict(ctx, run, model, inputs, detect, every, fmt, out_file, old_out, device, batch_size, trust_plugins):
+def predict(ctx, run, model, inputs, detect, every, fmt, out_file, old_out, annotate_dir, device, batch_size,
+            trust_plugins):
     """Expressions of the faces in images, folders and videos: one row per face (per sampled frame).
 
     Faces are detected, aligned by the eyes and classified; an image without a face gives a "no face" row.
 
     \b
     Examples:
-      maskfer predict --run runs/cafe group_photo.jpg
+      maskfer predict --run runs/cafe group_photo.jpg --annotate annotated/
       maskfer predict --model models/cafe photos/ --output predictions.csv
       maskfer predict --run runs/cafe clip.mp4 --every 5 --format json > clip.json
       maskfer predict --run runs/cafe --detect none aligned_faces/
@@ -211,6 +214,10 @@ def predict(ctx, run, model, inputs, detect, every, fmt, out_file, old_out, devi
             click.echo(f"wrote {len(res)} rows to {out_file}")
         else:
             click.echo(text, nl=False)
+        if annotate_dir:
+            from maskfer.annotate import write_annotated
+
+            _log(f"wrote {len(write_annotated(res, annotate_dir))} annotated image(s) to {annotate_dir}")
         failed = sum("error" in r for r in res)
         if failed == len(res):  # nothing predicted is a failure, whatever was written
             from maskfer.evaluate import EvalError

@@ -150,3 +150,24 @@ def test_a_damaged_video_is_an_error_row_not_a_crash(tmp_path, cafe_run):
     rows = predict(cafe_run, [str(bad), str(good)], device="cpu", detect="none")
     assert [r["input"] for r in rows] == [str(bad), str(good)]
     assert "cannot open it as a video" in rows[0]["error"] and rows[1]["face"] == 0
+
+
+def test_annotate_draws_each_face_and_the_cli_writes_the_images(tmp_path, cafe_run):
+    from click.testing import CliRunner
+
+    from cli.maskfer_cli import main as maskfer_main
+    from maskfer.annotate import annotate
+
+    img = np.full((120, 160, 3), 128, np.uint8)
+    rows = [{"input": 0, "face": 0, "box": [20, 30, 80, 100], "keypoints": {"eye_a": [40, 50]},
+             "prediction": "happiness", "probabilities": {"happiness": 0.9}},
+            {"input": 0, "face": None, "prediction": None, "note": "no face found"}]
+    out = np.asarray(annotate(img, rows))
+    assert tuple(out[65, 20]) == (230, 60, 60) and tuple(out[100, 50]) == (230, 60, 60)   # the box's edges
+    assert tuple(out[50, 40]) == (230, 60, 60)                                             # the keypoint
+    assert tuple(out[65, 50]) == (128, 128, 128) and (img == 128).all()                    # inside; input kept
+    Image.fromarray(img).save(tmp_path / "a.png")
+    r = CliRunner().invoke(maskfer_main, ["predict", "--run", str(cafe_run), "--detect", "none", "--device", "cpu",
+                                          str(tmp_path / "a.png"), "--annotate", str(tmp_path / "ann")])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "ann" / "a.annotated.png").size == (160, 120)
