@@ -136,6 +136,10 @@ class TrainConfig:
     feature_norm: str = option("none", "standardize: the cached features per channel with the training split's "
                                        "mean/std (kept in the run) before the mask or linear head; none: raw "
                                        "features, as the paper.", choices=FEATURE_NORMS)
+    prompts: str | None = option(None, "Class prompts of the zero-shot method: a TOML file of templates and each "
+                                       "class's words [default: maskfer/prompts/expressions.toml, shipped].",
+                                 metavar="FILE", path="file", legacy=None,
+                                 doc="Only with the zero-shot method; the file's sha256 is recorded in the run.")
     flip: bool = option(True, "Random horizontal flips (the stored flipped view); --no-flip turns them off.")
     erasing: float = option(0.5, "Random-erasing probability.", range=(0, True, 1, True),
                             doc="torchvision semantics: ratio 0.3–3.3, filled with the ImageNet mean (value 0 after "
@@ -184,6 +188,13 @@ class TrainConfig:
             if not is_remote_pretrained(self.pretrained) and not Path(self.pretrained).is_file():
                 raise ConfigError(f"--pretrained {self.pretrained}: no such file (or use imagenet, a URL or hf://...)",
                                   field="pretrained")
+        if self.prompts and self.method_spec.fit != "zero-shot":
+            raise ConfigError(f"--prompts is the class prompt file of --method zero-shot, not of {self.method}",
+                              field="prompts")
+        if self.method_spec.fit == "zero-shot" and self.feature_norm != "none":
+            raise ConfigError("--method zero-shot compares the L2-normalised CLIP features with text embeddings in "
+                              f"CLIP's own space: use --feature-norm none, not {self.feature_norm}",
+                              field="feature_norm")
         # cache is required on the command line but not part of what is trained: a config read back from a
         # run is valid without its store (eval/report take --cache); a config without a training set is not.
         for name in REQUIRED:

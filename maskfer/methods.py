@@ -3,7 +3,8 @@
 A method says what it reads (images, features), which model architecture it builds
 (``maskfer.model.create_model`` keys) and how it is fitted: ``"epochs"`` runs the one
 training engine (maskfer.engine) with its ``loss``; ``"lbfgs"`` is a convex solve
-(maskfer.probe). Code asks the method, never compares method names. Stdlib only: the CLI
+(maskfer.probe); ``"zero-shot"`` trains nothing (maskfer.zero_shot: CLIP's text tower gives the
+classifier). Code asks the method, never compares method names. Stdlib only: the CLI
 reads the names at start-up without importing torch.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ class Method:
     architecture: str          # maskfer.model.create_model key
     needs_images: bool         # the training / evaluation batches carry face images
     needs_features: bool       # ... and cached encoder features
-    fit: str = "epochs"        # "epochs" (maskfer.engine) | "lbfgs" (maskfer.probe)
+    fit: str = "epochs"        # FITS: "epochs" (maskfer.engine) | "lbfgs" (maskfer.probe) | "zero-shot"
     loss: str = "ce"           # epochs only: "cafe" (CE + separation + diverse) | "ce"
 
     @property
@@ -36,13 +37,14 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
+FITS = ("epochs", "lbfgs", "zero-shot")
 
 
 def register_method(method: Method) -> Method:
     if method.name in _REGISTRY:
         raise ValueError(f"method {method.name!r} is already registered")
-    if method.fit not in ("epochs", "lbfgs"):
-        raise ValueError(f"method {method.name!r}: fit must be 'epochs' or 'lbfgs', not {method.fit!r}")
+    if method.fit not in FITS:
+        raise ValueError(f"method {method.name!r}: fit must be one of {', '.join(FITS)}, not {method.fit!r}")
     _REGISTRY[method.name] = method
     return method
 
@@ -68,3 +70,6 @@ register_method(Method("linear-probe", "converged multinomial logistic regressio
                        "validation data)", architecture="linear", needs_images=False, needs_features=True, fit="lbfgs"))
 register_method(Method("linear-head", "linear layer on F trained by the epoch loop (Adam, the run's schedule)",
                        architecture="linear", needs_images=False, needs_features=True))
+register_method(Method("zero-shot", "CLIP zero-shot: cosine of the L2-normalised F to the text embeddings of the "
+                       "class prompts (the store's CLIP text tower); nothing is trained",
+                       architecture="zero-shot", needs_images=False, needs_features=True, fit="zero-shot"))

@@ -16,8 +16,8 @@ from torch import nn
 from .backbones import create_backbone
 from .separation import diverse_loss, separation_losses
 
-__all__ = ["FeatureNorm", "MaskMapping", "MaskModel", "cafe_loss", "BaselineModel", "LinearProbe", "ARCHITECTURES",
-           "create_model"]
+__all__ = ["FeatureNorm", "MaskMapping", "MaskModel", "cafe_loss", "BaselineModel", "LinearProbe", "ZeroShotHead",
+           "ARCHITECTURES", "create_model"]
 
 
 class FeatureNorm(nn.Module):
@@ -177,6 +177,21 @@ class LinearProbe(nn.Module):
         return {"logits": self.fc(self.feat_norm(feats))}
 
 
+class ZeroShotHead(nn.Module):
+    """CLIP's zero-shot classifier (maskfer.zero_shot): ``fc`` on the L2-normalised feature, its weights the
+    class text embeddings times CLIP's logit scale and its bias 0, so the logits are CLIP's logits_per_image.
+    Stored features are raw projections (featcache.encoders.hf_clip): the normalisation happens here, wherever
+    the model runs. "masked" is the normalised feature, the representation the report's t-SNE shows."""
+
+    def __init__(self, feat_dim: int, num_classes: int = 7):
+        super().__init__()
+        self.fc = nn.Linear(feat_dim, num_classes)
+
+    def forward(self, images: torch.Tensor | None, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        unit = F.normalize(feats.float(), dim=-1)
+        return {"logits": self.fc(unit), "masked": unit}
+
+
 NUM_CLASSES = 7
 
 # maskfer.methods.Method.architecture -> constructor(cfg, feat_dim); one entry per model family.
@@ -185,6 +200,7 @@ ARCHITECTURES = {
                                        pretrained=cfg.pretrained, feature_norm=cfg.feature_norm == "standardize"),
     "end-to-end": lambda cfg, dim: BaselineModel(cfg.backbone, NUM_CLASSES, pretrained=cfg.pretrained),
     "linear": lambda cfg, dim: LinearProbe(dim, NUM_CLASSES, feature_norm=cfg.feature_norm == "standardize"),
+    "zero-shot": lambda cfg, dim: ZeroShotHead(dim, NUM_CLASSES),
 }
 
 

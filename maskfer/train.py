@@ -2,7 +2,8 @@
 
 How a run is fitted is its method's declaration (maskfer.methods): epoch-trained methods go
 through the one epoch loop (maskfer.engine, as a group of one); the linear probe is one
-convex solve (maskfer.probe). Groups of runs trained at once: maskfer.parallel.
+convex solve (maskfer.probe); CLIP zero-shot trains nothing (maskfer.zero_shot). Groups of
+runs trained at once: maskfer.parallel.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from maskfer.config import TrainConfig
 from maskfer.data import DataError, check_test_sets, holdout_split
 from maskfer.engine import Engine
 from maskfer.errors import TrainError
-from maskfer.evaluate import evaluate_run
+from maskfer.evaluate import evaluate_run, predict_logits
 from maskfer.model import NUM_CLASSES, create_model
 from maskfer.probe import fit_probe
 from maskfer.stacking import default_layout
+from maskfer.zero_shot import class_texts, load_prompts
 
 __all__ = ["Trainer", "TrainError", "train", "batch_bounds", "epoch_order", "PROBE_HOLDOUT"]
 
@@ -48,6 +50,8 @@ class Trainer:
         cfg, out = self.cfg, self.out
         if cfg.method_spec.fit == "lbfgs":
             return self._fit_probe()
+        if cfg.method_spec.fit == "zero-shot":
+            return self._fit_zero_shot()
         engine = Engine([cfg], [self.run_dir], self.data, default_layout(self.device), self.progress, self.log)
         engine.run()
         return {"epochs": cfg.epochs, "last": rundir.read_metrics(out)[-1]}
@@ -94,6 +98,44 @@ class Trainer:
         self.log(f"linear probe: L2 {fit.lam:.3g} chosen on {select.name} (val acc {fit.val_acc:.4f}), "
                  f"train acc {fit.train_acc:.4f}, {fit.iterations} L-BFGS iterations"
                  + ("" if fit.converged else " (NOT converged)"))
+        return {"epochs": cfg.epochs, "last": row}
+
+    def _fit_zero_shot(self) -> dict:
+        """CLIP zero-shot (maskfer.zero_shot): the class prompts' text embeddings become the classifier, nothing is
+        trained. Like the probe's, its checkpoint counts as the run's last epoch; its metrics row says how it was
+        made (solver "zero-shot", the prompts and their file's sha256, the logit scale) and its accuracy on the
+        training (and validation) rows, which it never fitted."""
+        cfg, out, data = self.cfg, self.out, self.data
+        if self.run_dir.prepare() >= 0:
+            _, _, meta = self.run_dir.resume()  # first: it restores metrics.jsonl from the checkpoint
+            if not any(r.get("solver") == "zero-shot" for r in meta.get("metrics") or rundir.read_metrics(out)):
+                raise TrainError(f"run directory {out} holds another method's checkpoint, not a zero-shot classifier; "
+                                 "use a new --out")
+            self.log(f"resuming {out}: the zero-shot classifier is already made")
+            return {"epochs": cfg.epochs, "last": rundir.read_metrics(out)[-1]}
+        t0 = time.perf_counter()
+        prompts = load_prompts(cfg.prompts)
+        texts = class_texts(data.enc_info, prompts, self.device)
+        model = create_model(cfg, self.feat_dim).to(self.device)
+        with torch.no_grad():
+            model.fc.weight.copy_(texts.weight.to(self.device))
+            model.fc.bias.zero_()
+
+        def accuracy(split):
+            return float((predict_logits(model, split, cfg.image_size, self.device).argmax(1) == split.labels)
+                         .double().mean())
+
+        row = {"epoch": cfg.epochs - 1, "solver": "zero-shot", "train_acc": accuracy(data.train_data),
+               "logit_scale": texts.logit_scale, "text_tower": texts.source, "prompts_file": prompts.path,
+               "prompts_sha256": prompts.sha256, "prompts": [list(p) for p in prompts.by_class],
+               "seconds": time.perf_counter() - t0}
+        if data.val_data is not None:  # as the epoch loop's rows: val_acc only where there is validation data
+            row["val_acc"] = accuracy(data.val_data)
+        self.run_dir.save_epoch(row, model.state_dict(), None, {})
+        val = f", {data.val_data.name} {row['val_acc']:.4f}" if data.val_data is not None else ""
+        self.log(f"zero-shot: {len(prompts.templates)} prompt template(s) per class from {prompts.path}, text tower of "
+                 f"{texts.source}, logit scale {texts.logit_scale:.4g}; accuracy on {data.train_data.name} "
+                 f"{row['train_acc']:.4f}{val} (nothing trained)")
         return {"epochs": cfg.epochs, "last": row}
 
 

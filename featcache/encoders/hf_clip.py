@@ -105,6 +105,10 @@ def load_clip(spec: str, known: list[str] = ()) -> Encoder:
         "dim": dim,
         "architecture": json_clean({"class": "CLIPVisionModelWithProjection",
                                     **{k: getattr(cfg, k, None) for k in _ARCH_FIELDS}}),
+        # Outside the fingerprint (the image features do not depend on them): where --method zero-shot finds
+        # this checkpoint's text tower (featcache.encoders.text), also when the spec was a relative path.
+        "local_path": str(local.resolve()) if local.is_dir() else None,
+        "text_tower": "text_projection.weight" in set(info.get("unexpected_keys") or ()),
     }
     return Encoder(name=short_name(spec), module=ClipImageEmbedder(model), preprocess=ClipPreprocess(processor),
                    dim=dim, metadata=metadata)

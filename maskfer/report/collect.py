@@ -55,16 +55,23 @@ class RunFiles:
         return int(self.config.get("epochs", 0) or 0)
 
     @property
+    def fit_row(self) -> dict | None:
+        """The metrics row of a method fitted once, not by epochs (its "solver": "lbfgs" for the linear probe,
+        maskfer.probe; "zero-shot", maskfer.zero_shot): one row stands for every epoch."""
+        return next((r for r in self.metrics if r.get("solver")), None)
+
+    @property
     def probe(self) -> dict | None:
         """The metrics row of a linear probe fit by L-BFGS (maskfer.probe): one row stands for every epoch."""
-        return next((r for r in self.metrics if r.get("solver") == "lbfgs"), None)
+        row = self.fit_row
+        return row if row is not None and row.get("solver") == "lbfgs" else None
 
     @property
     def epochs_done(self) -> int:
         """Epochs finished, as the run's checkpoint (and results.json) count them."""
-        probe = self.probe
-        if probe is not None:
-            return int(probe.get("epoch", self.epochs_planned - 1)) + 1
+        row = self.fit_row
+        if row is not None:
+            return int(row.get("epoch", self.epochs_planned - 1)) + 1
         return len(self.metrics)
 
 

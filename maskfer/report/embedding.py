@@ -44,6 +44,8 @@ def representation(cfg) -> str:
         return "masked features sigmoid(M)·F" if cfg.sigmoid else "masked features M·F (no-sigmoid ablation)"
     if arch == "end-to-end":
         return "backbone's global-average-pooled features (before its classifier)"
+    if arch == "zero-shot":
+        return "L2-normalised cached features F/‖F‖ (what zero-shot compares with the class text embeddings)"
     return f"raw cached features F (a {cfg.method.replace('-', ' ')} has no mask)"
 
 

@@ -32,7 +32,10 @@ def run_page(run: Path, out: Path, *, baseline=None, test=None, max_points=2000,
 
 
 def run_status(rf: RunFiles) -> str:
-    n_done, n_planned, probe = rf.epochs_done, rf.epochs_planned, rf.probe
+    n_done, n_planned, probe, fit = rf.epochs_done, rf.epochs_planned, rf.probe, rf.fit_row
+    if fit is not None and fit.get("solver") == "zero-shot":
+        return ("finished: CLIP zero-shot from the class prompts (nothing trained), logit scale "
+                f"{fmt_num(fit.get('logit_scale'))}")
     if probe is not None:
         return (f"finished: linear probe fit by L-BFGS, L2 {fmt_num(probe.get('probe_lambda'))} chosen on "
                 f"{probe.get('selected_on')}" + ("" if probe.get("probe_converged") else " (NOT converged)"))
@@ -69,6 +72,15 @@ def _curves_section(page: Page, rf: RunFiles, out: Path) -> None:
                   f"(maskfer.probe), chosen by accuracy on {probe.get('selected_on')} (★), then refit with it. "
                   "--epochs and the optimizer options do not apply.")
         page.raw(_probe_table(probe))
+    elif rf.fit_row is not None and rf.fit_row.get("solver") == "zero-shot":
+        row = rf.fit_row
+        page.para("CLIP zero-shot has no training curve: each class is the mean of its prompts' L2-normalised text "
+                  f"embeddings (the text tower of {row.get('text_tower')}), renormalised; an image goes to the class "
+                  f"of highest cosine. Prompts from {row.get('prompts_file')} (sha256 "
+                  f"{str(row.get('prompts_sha256'))[:12]}...). --epochs and the optimizer options do not apply.")
+        page.raw('<div class="scroll">' + table(["class", "prompts"], [[c, "; ".join(ps)] for c, ps in
+                                                                        zip(CLASSES, row.get("prompts") or [])],
+                                                "prompt-table") + "</div>")
     elif rf.metrics:
         training_curves(rf.metrics, cfg, out / "curves.png")
         cap = ("Training curves from metrics.jsonl, one point per finished epoch. Left: training loss, the total "
