@@ -130,3 +130,27 @@ def test_clear_errors_for_what_is_not_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PredictorError, match="cannot fetch model 'nobody/nothing' from the Hugging Face hub"):
         Predictor.from_pretrained("nobody/nothing")
+
+
+def test_predict_takes_paths_pil_images_and_arrays_and_the_cli_takes_the_model(store, fx_base, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    from maskfer.export import export_model
+
+    run = mf.trained_run(fx_base, store, "export-cafe", method="cafe", lr=5e-3)
+    folder = export_model(run, tmp_path / "m", log=mf.quiet)
+    path = sorted((fx_base / "domA" / "test").rglob("*.png"))[3]
+    p = Predictor.from_pretrained(folder, device="cpu", detect="none")
+    pil = Image.open(path)
+    rows = p.predict([path, pil, np.asarray(pil.convert("RGB")), np.asarray(pil.convert("L"))])
+    assert [r["input"] for r in rows] == [str(path), 1, 2, 3]
+    probs = _probs(rows)
+    np.testing.assert_allclose(probs[1:3], probs[[0, 0]], atol=1e-6)
+    r = CliRunner().invoke(maskfer_main, ["predict", "--model", str(folder), "--detect", "none", "--format", "json",
+                                          "--device", "cpu", str(path)])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(_probs(json.loads(r.stdout)), probs[:1], atol=1e-6)
+    with pytest.raises(PredictorError, match="input 0: expected an \\(H, W, 3\\) RGB array, got shape \\(2, 3, 4, 5\\)"):
+        p.predict(np.zeros((2, 3, 4, 5), np.uint8))
+    r = CliRunner().invoke(maskfer_main, ["predict", "--model", str(folder), "--run", str(run), str(path)])
+    assert r.exit_code == 2 and "give one of --run RUN_DIR or --model DIR_OR_HUB_ID" in r.output
