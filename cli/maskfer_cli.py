@@ -172,6 +172,8 @@ _DETECTORS = ("blazeface", "blazeface-short", "none")  # maskfer.faces.DETECTORS
                    "filling the frame), none (every image is one pre-cropped face).")
 @click.option("--every", default=1, show_default=True, type=click.IntRange(1),
               help="Videos: classify every N-th frame.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
+              help="With --model: onnx runs the folder's model.onnx (maskfer export --format onnx) with onnxruntime.")
 @click.option("--format", "fmt", default=None, type=click.Choice(["text", "csv", "json"]),
               help="Output format. Default: from the --output suffix, else text lines; csv/json without "
                    "--output print to stdout.")
@@ -184,8 +186,8 @@ _DETECTORS = ("blazeface", "blazeface-short", "none")  # maskfer.faces.DETECTORS
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Faces per batch.")
 @click.option("--trust-plugins", is_flag=True, help=_TRUST_HELP.format(where="the run's config.json"))
 @click.pass_context
-def predict(ctx, run, model, inputs, detect, every, fmt, out_file, old_out, annotate_dir, device, batch_size,
-            trust_plugins):
+def predict(ctx, run, model, inputs, detect, every, backend, fmt, out_file, old_out, annotate_dir, device,
+            batch_size, trust_plugins):
     """Expressions of the faces in images, folders and videos: one row per face (per sampled frame).
 
     Faces are detected, aligned by the eyes and classified; an image without a face gives a "no face" row.
@@ -196,6 +198,7 @@ def predict(ctx, run, model, inputs, detect, every, fmt, out_file, old_out, anno
       maskfer predict --model models/cafe photos/ --output predictions.csv
       maskfer predict --run runs/cafe clip.mp4 --every 5 --format json > clip.json
       maskfer predict --run runs/cafe --detect none aligned_faces/
+      maskfer predict --model models/cafe --backend onnx photo.jpg
     """
     out_file, note = pick_renamed(ctx, "out_file", out_file, old_out, "--out", "--output")
     if (run is None) == (model is None):
@@ -206,7 +209,7 @@ def predict(ctx, run, model, inputs, detect, every, fmt, out_file, old_out, anno
         from maskfer.prediction_table import format_rows
 
         res = run_predict(run, list(inputs), device=device, batch_size=batch_size, trust_plugins=trust_plugins,
-                          model=model, detect=detect, every=every)
+                          model=model, detect=detect, every=every, backend=backend)
         form = fmt or ("json" if out_file and out_file.endswith(".json") else "csv" if out_file else "text")
         text = format_rows(res, form)
         if out_file:

@@ -12,6 +12,7 @@ with huggingface_hub; `from_pretrained("OWNER/NAME")` downloads it through the s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def export_model(run: str | Path, out: str | Path, push_to_hub: str | None = Non
               metadata={"format": "pt"})
     (tmp / CONFIG).write_text(json.dumps(pkg, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(pkg, _results(run), run.name))
+    umask = os.umask(0)
+    os.umask(umask)
+    (tmp / WEIGHTS).chmod(0o666 & ~umask)  # safetensors writes it private; a model folder is meant to be shared
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # the folder appears whole or not at all

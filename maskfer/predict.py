@@ -33,16 +33,20 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 def predict(run: str | Path | None, inputs: list[str], device: str = "auto", batch_size: int = 32,
             trust_plugins: bool = False, model: str | None = None, detect: str = "blazeface",
-            every: int = 1) -> list[dict]:
+            every: int = 1, backend: str = "torch") -> list[dict]:
     """Rows of :meth:`Predictor.predict` for every input (``input`` is the file's path). ``run``: a run
     directory; or ``model``: a `maskfer export` folder or hub id. ``trust_plugins`` (--trust-plugins):
     allow a plug-in encoder spec named in the run's config.json to be imported; off by default, since a run
-    directory may come from anyone. ``every``: the frame step in videos."""
+    directory may come from anyone. ``every``: the frame step in videos. ``backend`` "onnx" (with ``model``): the
+    folder's model.onnx under onnxruntime."""
     if (run is None) == (model is None):
         raise EvalError("give either a run directory (--run) or a packaged model (--model), not both")
     files = collect_inputs(inputs)
     kw = dict(device=device, detect=detect, trust_plugins=trust_plugins, batch_size=batch_size)
-    p = Predictor.from_run(run, **kw) if run is not None else Predictor.from_pretrained(model, **kw)
+    if backend != "torch" and run is not None:
+        raise EvalError(f"--backend {backend} runs an exported model: export the run (maskfer export RUN DIR "
+                        "--format onnx) and pass --model DIR")
+    p = Predictor.from_run(run, **kw) if run is not None else Predictor.from_pretrained(model, backend=backend, **kw)
     rows: list[dict] = []
     images = [f for f in files if f.suffix.lower() not in VIDEO_SUFFIXES]
     rows += p.predict(images) if images else []

@@ -32,12 +32,14 @@ from maskfer.config import TrainConfig
 from maskfer.evaluate import load_run
 from maskfer.faces import create_detector
 from maskfer.model import create_model
+from maskfer.onnx_export import OnnxClassifier
 from maskfer.video import read_frames
 
 PACKAGE_FORMAT = "cafe-fer-model"
 PACKAGE_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+ONNX_FILE = "model.onnx"
 
 
 class PredictorError(FerError):
@@ -99,15 +101,18 @@ def _as_rgb(item, where: str) -> np.ndarray:
 class Predictor:
     """A trained model with its frozen encoder and a face detector."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, package: dict, device: torch.device,
+    def __init__(self, model: torch.nn.Module | None, cfg: TrainConfig, package: dict, device: torch.device,
                  detect: str = "blazeface", trust_plugins: bool = False, source: str = "the model",
-                 margin: float = DEFAULT_MARGIN, crop_size: int = DEFAULT_CROP, batch_size: int = 32):
-        self.model, self.cfg, self.package, self.device = model.to(device).eval(), cfg, package, device
+                 margin: float = DEFAULT_MARGIN, crop_size: int = DEFAULT_CROP, batch_size: int = 32,
+                 onnx: OnnxClassifier | None = None):
+        """``onnx``: classify with that exported graph (onnxruntime) instead of ``model`` and the encoder."""
+        self.model = model.to(device).eval() if model is not None else None
+        self.cfg, self.package, self.device, self.onnx = cfg, package, device, onnx
         self.detector = create_detector(detect)
         self.margin, self.crop_size, self.batch_size = margin, crop_size, batch_size
         self.source_size = int(package["source_image_size"])
         self.encoder = None
-        if cfg.method_spec.needs_features:
+        if cfg.method_spec.needs_features and onnx is None:
             enc = package["encoder"]
             self.encoder = create_encoder(enc["spec"], device=str(device), trust_plugins=trust_plugins,
                                           source=f"{source} (field encoder.spec)",
@@ -126,10 +131,11 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str = "auto", revision: str | None = None,
-                        **kw) -> "Predictor":
+                        backend: str = "torch", **kw) -> "Predictor":
         """A `maskfer export` folder, or a Hugging Face hub repository holding one (downloaded with
         huggingface_hub, cached, offline once cached). The encoder is loaded by its recorded id and checked
-        by fingerprint."""
+        by fingerprint. ``backend="onnx"``: run the folder's model.onnx (`maskfer export --format onnx`) with
+        onnxruntime on the CPU instead; no torch model or encoder is loaded."""
         from safetensors.torch import load_file
 
         folder = resolve_package(name_or_path, revision)
@@ -144,8 +150,18 @@ class Predictor:
             state = load_file(str(folder / WEIGHTS))
         except Exception as e:  # noqa: BLE001 - missing or damaged: the same to the user
             raise PredictorError(f"{folder / WEIGHTS}: cannot read the weights ({e})") from None
+        if backend not in ("torch", "onnx"):
+            raise PredictorError(f"unknown backend {backend!r}; known: torch, onnx")
         dev = resolve_device(device)
         model, cfg = _model_from_package(pkg, state, str(cfg_path))
+        if backend == "onnx":
+            if not (folder / ONNX_FILE).is_file():
+                raise PredictorError(f"{folder}: no {ONNX_FILE}; export it with `maskfer export RUN DIR --format onnx`")
+            onnx = OnnxClassifier(folder / ONNX_FILE)
+            if onnx.image_size != int(pkg["source_image_size"]) or onnx.classes != list(CLASSES):
+                raise PredictorError(f"{folder / ONNX_FILE} does not match {cfg_path} (image size {onnx.image_size}, "
+                                     f"classes {onnx.classes}); export both again")
+            return cls(None, cfg, pkg, torch.device("cpu"), source=str(cfg_path), onnx=onnx, **kw)
         return cls(model, cfg, pkg, dev, source=str(cfg_path), **kw)
 
     # ------------------------------------------------------------------ inference
@@ -157,6 +173,9 @@ class Predictor:
         out = []
         for s in range(0, len(faces), self.batch_size):
             pil = [Image.fromarray(f) for f in faces[s:s + self.batch_size]]
+            if self.onnx is not None:  # the graph takes the crops at the store's image size and does the rest
+                out.append(self.onnx.probabilities(np.stack([resize_uint8(p, self.source_size) for p in pil])))
+                continue
             feats = x = None
             if self.encoder is not None:
                 pix = torch.stack([self.encoder.preprocess(p) for p in pil]).to(self.device)

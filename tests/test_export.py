@@ -154,3 +154,34 @@ def test_predict_takes_paths_pil_images_and_arrays_and_the_cli_takes_the_model(s
         p.predict(np.zeros((2, 3, 4, 5), np.uint8))
     r = CliRunner().invoke(maskfer_main, ["predict", "--model", str(folder), "--run", str(run), str(path)])
     assert r.exit_code == 2 and "give one of --run RUN_DIR or --model DIR_OR_HUB_ID" in r.output
+
+
+def test_the_onnx_backend_feeds_the_exported_graph_what_it_was_exported_for(store, fx_base, tmp_path):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    import torch
+    from PIL import Image
+
+    from featcache.images import resize_uint8
+    from maskfer.onnx_export import fused_module
+
+    run = mf.trained_run(fx_base, store, "export-cafe", method="cafe", lr=5e-3)
+    r = CliRunner().invoke(maskfer_main, ["export", str(run), str(tmp_path / "m"), "--format", "onnx"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.onnx",
+                                                                  "model.safetensors"]
+    images = sorted((fx_base / "domA" / "test").rglob("*.png"))[:5]
+    p = Predictor.from_pretrained(tmp_path / "m", detect="none", backend="onnx")
+    got = _probs(p.predict(images))
+    s = json.loads((tmp_path / "m" / "config.json").read_text())["source_image_size"]
+    pix = torch.from_numpy(np.stack([resize_uint8(Image.open(i).convert("RGB"), s) for i in images]))
+    with torch.no_grad():
+        want = fused_module(run)(pix).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    r = CliRunner().invoke(maskfer_main, ["predict", "--model", str(tmp_path / "m"), "--backend", "onnx", "--detect",
+                                          "none", "--format", "json", *map(str, images)])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(_probs(json.loads(r.stdout)), got, atol=1e-6)
+    with pytest.raises(PredictorError, match="no model.onnx; export it with"):
+        from maskfer.export import export_model
+
+        Predictor.from_pretrained(export_model(run, tmp_path / "plain", log=mf.quiet), backend="onnx")

@@ -109,7 +109,8 @@ def tensor_preprocess(enc_or_meta: Encoder | dict) -> Callable[[torch.Tensor], t
     short, (ch, cw) = s["short"], s["crop"]
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+        # int(): under torch.jit.trace (the ONNX export) sizes are tensors, which round() refuses
+        h, w = int(x.shape[-2]), int(x.shape[-1])
         r = short / min(h, w)
         nh, nw = max(ch, round(h * r)), max(cw, round(w * r))
         if (nh, nw) != (h, w):
