@@ -171,3 +171,18 @@ def test_annotate_draws_each_face_and_the_cli_writes_the_images(tmp_path, cafe_r
                                           str(tmp_path / "a.png"), "--annotate", str(tmp_path / "ann")])
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "ann" / "a.annotated.png").size == (160, 120)
+
+
+@needs_detector
+def test_the_demo_photo_step_finds_the_three_pasted_faces(tmp_path, cafe_run):
+    pytest.importorskip("matplotlib")
+    from maskfer.demo_photo import photo_step
+
+    lines = []
+    res = photo_step(cafe_run, tmp_path, device="cpu", log=lines.append)
+    assert res["found"] == 3 and len(res["rows"]) == 3
+    for r, (x0, y0, x1, y1) in zip(res["rows"], res["pasted"]):           # left to right, one per copy
+        cx, cy = (r["box"][0] + r["box"][2]) / 2, (r["box"][1] + r["box"][3]) / 2
+        assert x0 < cx < x1 and y0 < cy < y1
+    assert Image.open(res["annotated"]).size == (960, 540)
+    assert lines[0].startswith("DEMO photo: 3 face(s) found") and "show the path, not accuracy" in lines[-1]
