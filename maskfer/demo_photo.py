@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from maskfer.annotate import annotate
+from maskfer.export import export_model
 from maskfer.predictor import Predictor
 
 # the portrait's face region in grace_hopper.jpg (512x600), with room around it; where and how each copy goes
@@ -54,8 +55,10 @@ def group_photo(face: Image.Image, seed: int = 0) -> tuple[np.ndarray, list[tupl
 
 
 def photo_step(run: Path, out: Path, device: str = "auto", log=print) -> dict | None:
-    """Detect, align and classify the faces of the group photo with ``run``; writes ``out/group_photo.png``
-    and ``out/group_photo.annotated.png``. None (and a note) when the portrait or the detector is missing."""
+    """Export ``run`` as a model folder (``out/model-<run name>``, maskfer export), load it as a user would
+    (Predictor.from_pretrained) and detect, align and classify the faces of the group photo; writes
+    ``out/group_photo.png`` and ``out/group_photo.annotated.png``. None (and a note) when the portrait or the
+    detector is missing."""
     face = portrait()
     if face is None:
         log("DEMO photo step skipped: matplotlib (the report extra) ships the portrait it uses; "
@@ -64,8 +67,9 @@ def photo_step(run: Path, out: Path, device: str = "auto", log=print) -> dict | 
     photo, squares = group_photo(face)
     out = Path(out)
     Image.fromarray(photo).save(out / "group_photo.png")
+    model_dir = export_model(run, out / f"model-{Path(run).name}", log=log)
     try:
-        predictor = Predictor.from_run(run, device=device, detect="blazeface")
+        predictor = Predictor.from_pretrained(model_dir, device=device, detect="blazeface")
     except Exception as e:  # noqa: BLE001 - the detect extra missing: the demo's table still stands
         log(f"DEMO photo step skipped: {e}")
         return None
@@ -76,7 +80,7 @@ def photo_step(run: Path, out: Path, device: str = "auto", log=print) -> dict | 
         f"15 degrees, one mirrored), annotated in {out / 'group_photo.annotated.png'}")
     for r in found:
         log(f"  face {r['face']}: box {[round(v) for v in r['box']]}, detector score {r['score']:.2f}, "
-            f"{run.name}: {r['prediction']} ({r['probabilities'][r['prediction']]:.2f})")
+            f"{Path(run).name}: {r['prediction']} ({r['probabilities'][r['prediction']]:.2f})")
     log("  (a real face; the demo's models learned cartoon expressions, so these labels show the path, not accuracy)")
-    return {"found": len(found), "pasted": squares, "rows": rows,
+    return {"found": len(found), "pasted": squares, "rows": rows, "model": str(model_dir),
             "annotated": str(out / "group_photo.annotated.png")}
