@@ -96,6 +96,10 @@ def build(ctx, dataset, root, out, old_out, model, name, encoder_key, batch_size
       featcache build --dataset ferplus --root ferplus --model efficientnet-lite0 --cache effnet.h5
       featcache build --dataset ferplus --root ferplus --cache features.h5 --image-size 112 --aug-views 8
       featcache build --dataset ferplus --root ferplus --cache official.h5 --image-size 112 --preprocess official
+      torchrun --nproc-per-node 8 -m featcache build --dataset affectnet --root AffectNet --cache affectnet.h5
+
+    Under torchrun each rank encodes its share of the images on cuda:LOCAL_RANK (or the CPU) and rank 0
+    writes the one store (docs/sweep.md, "Several GPUs and nodes: torchrun").
     """
     out, note = pick_renamed(ctx, "out", out, old_out, "--out", "--cache")
 
@@ -109,6 +113,8 @@ def build(ctx, dataset, root, out, old_out, model, name, encoder_key, batch_size
                         progress=not quiet, max_pixels=max_pixels or None, preprocess=preprocess,
                         aug_views=aug_views, aug_seed=aug_seed,
                         log=lambda m: err_console.print(m, highlight=False, markup=False))
+        if not r.primary:  # under torchrun rank 0 reports the whole build
+            return
         if r.up_to_date:
             click.echo(f"{out}: dataset {r.dataset!r} with encoder {r.encoder_key!r} is already complete "
                        f"({r.rows} rows" + (f", {r.aug_views} augmented views" if r.aug_views else "")

@@ -311,6 +311,7 @@ def sweep(ctx, out, grids, sweep_file, sets, config_file, parallel, dry_run, qui
           --grid lambda=0.5,1.5,5 --grid beta=1,5,10 --grid seed=0,1,2 --epochs 10
       maskfer sweep --sweep-file sweep.toml --out sweeps/from_file --parallel 8
       maskfer sweep --config runs/cafe/config.json --out sweeps/around_cafe --grid seed=0,1,2 --no-sigmoid
+      torchrun --nproc-per-node 8 -m maskfer sweep --sweep-file sweep.toml --out sweeps/8gpu --parallel 4
     """
     def go():
         from maskfer.config import TrainConfig, read_config_file
@@ -347,7 +348,10 @@ def sweep(ctx, out, grids, sweep_file, sets, config_file, parallel, dry_run, qui
             click.echo(f"{len(points)} configurations; nothing trained (--dry-run)")
             return
         run_sweep(cfg, grid, out, parallel=parallel, progress=not quiet, log=_log, trust_plugins=trust_plugins)
-        click.echo((Path(out) / "summary.md").read_text())
+        from featcache.distributed import detect
+
+        if detect().primary:  # under torchrun rank 0 prints the summary once
+            click.echo((Path(out) / "summary.md").read_text())
 
     _run(go)
 

@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import featcache
 from featcache import store as st
-from featcache.devices import DeviceError, resolve_device
+from featcache.devices import DeviceError
+from featcache.distributed import Context, detect, session
 from featcache.encoders import Encoder, EncoderError, create_encoder, fingerprint, preprocess_mode
 from featcache.encoders.batched import input_size, tensor_preprocess
 from featcache.errors import FerError
@@ -72,6 +73,13 @@ class BuildReport:
     aug_encoded_now: int = 0      # (image, view) pairs encoded by this run
     aug_resumed_from: int = 0     # (image, view) pairs found in the journal of an interrupted run
     aug_note: str = ""            # why no view was added, when asked for
+    rank: int = 0                 # under torchrun: this process's rank, and the number of ranks; the counts above
+    world: int = 1                # are every rank's together
+
+    @property
+    def primary(self) -> bool:
+        """The process that reports the build (rank 0; the only one without torchrun)."""
+        return self.rank == 0
 
 
 # --------------------------------------------------------------------------- workers
@@ -160,9 +168,10 @@ def _listing_hash(items: list[Item]) -> str:
     return h.hexdigest()[:16]
 
 
-def _default_workers() -> int:
+def _default_workers(ranks_here: int = 1) -> int:
+    """Cores - 1, at most 8; under torchrun each of the node's ranks gets its share of the cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, cores // max(1, ranks_here) - 1))
 
 
 @dataclass
@@ -357,6 +366,7 @@ def build_store(
     aug_views: int = 0,
     aug_seed: int = 0,
     aug_recipe: Recipe | None = None,
+    dist_context: Context | None = None,
 ) -> BuildReport:
     """Add ``dataset`` (features of ``model``, optionally images) to the store ``out``.
 
@@ -366,6 +376,11 @@ def build_store(
     CAFE input; featcache/encoders/modes.py). ``aug_views=K``: also store K augmented views per image
     (``aug_seed``, ``aug_recipe``, default ``featcache.views.OFFICIAL``), rendered from the cached images
     (``image_size`` or a size the store caches); views already stored are kept, only the missing ones added.
+
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment, or ``dist_context``) every rank calls this with the same
+    arguments: each encodes its share on its own device into its own journal part, rank 0 commits the one store
+    (docs/sweep.md, "Several GPUs and nodes: torchrun"); every rank returns the report (``report.primary``: rank
+    0's).
     """
     t0 = time.perf_counter()
     if on_error not in ("fail", "skip"):
@@ -380,104 +395,146 @@ def build_store(
     recipe = aug_recipe or OFFICIAL
     if flush_seconds is None:
         flush_seconds = float(os.environ.get("FEATCACHE_FLUSH_SECONDS", "10"))
-    manifest = load_manifest(dataset, params)
-    ds_name = name or manifest.name
-    check_name(ds_name, "dataset name", f"the name of manifest {manifest.path}; store it under another one with --name")
-    listing = list_items(manifest, root, on_error=on_error)
-    if not listing.items:
-        raise BuildError(f"dataset {manifest.name!r} under {root} has no labelled images to encode")
-    problems = [(p.item_id or "", p.where, p.reason) for p in listing.problems]
-
+    ctx = detect() if dist_context is None else dist_context
     try:
-        dev = resolve_device(device)
+        dev = ctx.device(device)
     except DeviceError as e:
         raise BuildError(str(e)) from None
-    enc = create_encoder(model, device=str(dev), preprocess=preprocess)  # EncoderError where the mode cannot apply
-    key = encoder_key or enc.name
-    check_name(key, "encoder key", f"the name of encoder {model!r}; store it under another one with --encoder-key")
-    fp = fingerprint(enc.metadata)
+    log, progress = ctx.prefixed(log), ctx.progress(progress)
+    with session(ctx, dev):
+        report = _build(out, dataset, root, model, name, encoder_key, batch_size, dev, workers, image_size, on_error,
+                        params, precision, progress, flush_seconds, log, max_pixels, preprocess, int(aug_views),
+                        int(aug_seed), recipe, ctx)
+    report.seconds = time.perf_counter() - t0
+    return report
 
-    with _store_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    with _store_errors(out), store_lock(out):
-        for stale in out.parent.glob(out.name + ".tmp-*"):  # a commit cut short by a kill
-            stale.unlink()
-        ex = _read_existing(out, ds_name)
-        _drop_committed_journals(out, ds_name, ex)
-        report = BuildReport(out, ds_name, key, image_size, dropped=dict(listing.dropped))
-        new_dataset = ex.dataset_rows is None
-        if new_dataset:
-            work_items = listing.items
-        else:
-            if ex.manifest_sha != manifest.sha256:
+
+def _build(out, dataset, root, model, name, encoder_key, batch_size, dev, workers, image_size, on_error, params,
+           precision, progress, flush_seconds, log, max_pixels, preprocess, aug_views, aug_seed, recipe,
+           ctx: Context) -> BuildReport:
+    """build_store after its argument checks. Under torchrun every rank runs this; the ranks meet at each
+    ``ctx.step`` (featcache.distributed), rank 0 holds the store lock and commits, and each rank encodes its
+    ``ctx.shard`` of what is left into its own journal part."""
+    with ctx.step("listing the dataset and loading the encoder", log) as met:
+        manifest = load_manifest(dataset, params)
+        ds_name = name or manifest.name
+        check_name(ds_name, "dataset name", f"the name of manifest {manifest.path}; store it under another one with --name")
+        listing = list_items(manifest, root, on_error=on_error)
+        if not listing.items:
+            raise BuildError(f"dataset {manifest.name!r} under {root} has no labelled images to encode")
+        problems = [(p.item_id or "", p.where, p.reason) for p in listing.problems]
+        enc = create_encoder(model, device=str(dev), preprocess=preprocess)  # EncoderError where the mode cannot apply
+        key = encoder_key or enc.name
+        check_name(key, "encoder key", f"the name of encoder {model!r}; store it under another one with --encoder-key")
+        fp = fingerprint(enc.metadata)
+        met.value = (manifest.sha256, _listing_hash(listing.items), fp)
+    ctx.agree("the dataset listing or the encoder", met.values,
+              "every node must see the same --root (a shared file system) and load the same --model")
+
+    with _store_errors(out), ExitStack() as held:
+        with ctx.step("taking the store lock", log):
+            if ctx.primary:  # one writer per store: rank 0 holds the lock for every rank
+                out.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(store_lock(out))
+                for stale in out.parent.glob(out.name + ".tmp-*"):  # a commit cut short by a kill
+                    stale.unlink()
+        with ctx.step("reading the store", log) as met:
+            ex = _read_existing(out, ds_name)
+            if ctx.primary:
+                _drop_committed_journals(out, ds_name, ex)
+            report = BuildReport(out, ds_name, key, image_size, dropped=dict(listing.dropped), rank=ctx.rank,
+                                 world=ctx.world)
+            new_dataset = ex.dataset_rows is None
+            if new_dataset:
+                work_items = listing.items
+            else:
+                if ex.manifest_sha != manifest.sha256:
+                    raise BuildError(
+                        f"dataset {ds_name!r} in {out} was built from a different manifest "
+                        f"(sha256 {ex.manifest_sha} vs {manifest.sha256}: its params or labels differ). "
+                        f"Store this one side by side with --name {ds_name}-2, or use another --cache."
+                    )
+                by_id = {it.id: it for it in listing.items}
+                missing = [i for i in ex.dataset_rows if i not in by_id]
+                if missing:
+                    raise BuildError(
+                        f"{len(missing)} image(s) stored for {ds_name!r} in {out} are no longer listed under {root} "
+                        f"(first: {missing[0]}); the dataset changed on disk. Build it under another --name."
+                    )
+                work_items = [by_id[i] for i in ex.dataset_rows]
+            if key in ex.encoder_fp and ex.encoder_fp[key] != fp:
+                modes = (ex.encoder_mode.get(key, "clip"), preprocess_mode(enc.metadata))
+                why = (f": they were made with --preprocess {modes[0]}, this build asks for --preprocess {modes[1]}"
+                       if modes[0] != modes[1] else "")
                 raise BuildError(
-                    f"dataset {ds_name!r} in {out} was built from a different manifest "
-                    f"(sha256 {ex.manifest_sha} vs {manifest.sha256}: its params or labels differ). "
-                    f"Store this one side by side with --name {ds_name}-2, or use another --cache."
+                    f"{out} already holds features for {ds_name!r} under encoder key {key!r} made by another "
+                    f"encoder or processor (fingerprint {ex.encoder_fp[key]}, --model {model!r} gives {fp}){why}. "
+                    f"Pass --encoder-key NEW_KEY to store these features side by side."
                 )
-            by_id = {it.id: it for it in listing.items}
-            missing = [i for i in ex.dataset_rows if i not in by_id]
-            if missing:
-                raise BuildError(
-                    f"{len(missing)} image(s) stored for {ds_name!r} in {out} are no longer listed under {root} "
-                    f"(first: {missing[0]}); the dataset changed on disk. Build it under another --name."
-                )
-            work_items = [by_id[i] for i in ex.dataset_rows]
-        if key in ex.encoder_fp and ex.encoder_fp[key] != fp:
-            modes = (ex.encoder_mode.get(key, "clip"), preprocess_mode(enc.metadata))
-            why = (f": they were made with --preprocess {modes[0]}, this build asks for --preprocess {modes[1]}"
-                   if modes[0] != modes[1] else "")
-            raise BuildError(
-                f"{out} already holds features for {ds_name!r} under encoder key {key!r} made by another "
-                f"encoder or processor (fingerprint {ex.encoder_fp[key]}, --model {model!r} gives {fp}){why}. "
-                f"Pass --encoder-key NEW_KEY to store these features side by side."
-            )
-        need_feats = key not in ex.encoder_fp
-        need_images = bool(image_size) and image_size not in ex.image_sizes
-        aug_size = _check_aug(out, ds_name, key, enc, ex, int(aug_views), int(aug_seed), recipe, image_size,
-                              report) if aug_views else None
-        if not (new_dataset or need_feats or need_images or aug_size):
+            need_feats = key not in ex.encoder_fp
+            need_images = bool(image_size) and image_size not in ex.image_sizes
+            aug_size = _check_aug(out, ds_name, key, enc, ex, aug_views, aug_seed, recipe, image_size,
+                                  report) if aug_views else None
+            up_to_date = not (new_dataset or need_feats or need_images or aug_size)
+            if not up_to_date:
+                _check_writable(out)
+            plan = {
+                "dataset": ds_name,
+                "manifest_sha256": manifest.sha256,
+                "listing": _listing_hash(work_items),
+                "new_dataset": new_dataset,
+                "encoder": fp if need_feats else None,
+                "image_size": image_size if need_images else None,
+                "tool_version": featcache.__version__,
+            }
+            met.value = (plan, aug_size, up_to_date)
+        ctx.agree("the store", met.values, f"every node must see the same {out} (a shared file system)")
+        if up_to_date:
             report.up_to_date, report.rows = True, len(work_items)
-            report.seconds = time.perf_counter() - t0
             return report
-        _check_writable(out)
         if not (new_dataset or need_feats or need_images):  # only views to add
             report.rows = len(work_items)
-            _build_aug(out, ds_name, key, enc, fp, dev, precision, int(aug_views), int(aug_seed), recipe, aug_size,
-                       batch_size, flush_seconds, progress, log, report)
-            report.seconds = time.perf_counter() - t0
+            _build_aug(out, ds_name, key, enc, fp, dev, precision, aug_views, aug_seed, recipe, aug_size,
+                       batch_size, flush_seconds, progress, log, report, ctx)
             return report
 
-        plan = {
-            "dataset": ds_name,
-            "manifest_sha256": manifest.sha256,
-            "listing": _listing_hash(work_items),
-            "new_dataset": new_dataset,
-            "encoder": fp if need_feats else None,
-            "image_size": image_size if need_images else None,
-            "tool_version": featcache.__version__,
-        }
-        journal = Journal(out, plan)
-        journal.open()
         n = len(work_items)
-        done = journal.done_mask(n)
+        journal = Journal(out, plan, part=ctx.journal_part)
+        with ctx.step("opening the journal", log):
+            journal.open(primary=ctx.primary)
+        with ctx.step("reading the journal", log) as met:
+            done = journal.done_mask(n)
+            met.value = hashlib.sha256(np.packbits(done).tobytes()).hexdigest()
+        ctx.agree("the journal", met.values, f"every node must see the same {journal.dir} (a shared file system)")
         report.resumed_from = int(done.sum())
-        if report.resumed_from:
+        if report.resumed_from and ctx.primary:
             log(f"resuming: {report.resumed_from}/{n} images already encoded in {journal.dir}")
         todo = np.flatnonzero(~done)
-        if len(todo):
-            report.encoded_now = _run(
-                enc, dev, precision, work_items, todo, journal, need_feats, image_size if need_images else None,
-                batch_size, _default_workers() if workers is None else workers, on_error, flush_seconds,
-                progress, ds_name, allow_skip=new_dataset, max_pixels=max_pixels,
-            )
-        _commit(out, journal, manifest, root, ds_name, work_items, new_dataset, listing.dropped, problems,
-                key if need_feats else None, enc, fp, precision, dev, image_size if need_images else None, report)
-        journal.remove()
+        mine = ctx.shard(todo)  # the work left, split afresh: a rerun after a kill spreads it over every rank
+        if ctx.active:
+            log(f"encoding {len(mine)} of the {len(todo)} images left on {dev}")
+        with ctx.step("encoding", log) as met:
+            encoded = 0
+            if len(mine):
+                encoded = _run(
+                    enc, dev, precision, work_items, mine, journal, need_feats, image_size if need_images else None,
+                    batch_size, _default_workers(ctx.local_world) if workers is None else workers, on_error,
+                    flush_seconds, progress, ds_name, allow_skip=new_dataset, max_pixels=max_pixels,
+                )
+            met.value = (encoded, [str(p) for p in journal.written])
+        report.encoded_now = sum(v[0] for v in met.values)
+        journal.reported = {Path(p) for v in met.values for p in v[1]}
+        with ctx.step("committing the store", log) as met:
+            if ctx.primary:
+                _commit(out, journal, manifest, root, ds_name, work_items, new_dataset, listing.dropped, problems,
+                        key if need_feats else None, enc, fp, precision, dev, image_size if need_images else None,
+                        report)
+                journal.remove()
+                met.value = (report.rows, report.skipped)
+        report.rows, report.skipped = met.values[0]
         if aug_size:  # the views are rendered from the cached images that the commit above just published
-            _build_aug(out, ds_name, key, enc, fp, dev, precision, int(aug_views), int(aug_seed), recipe, aug_size,
-                       batch_size, flush_seconds, progress, log, report)
-    report.seconds = time.perf_counter() - t0
+            _build_aug(out, ds_name, key, enc, fp, dev, precision, aug_views, aug_seed, recipe, aug_size,
+                       batch_size, flush_seconds, progress, log, report, ctx)
     return report
 
 
@@ -580,12 +637,17 @@ def _commit(out, journal, manifest, root, ds_name, items, new_dataset, dropped, 
     """Write a new copy of the store with the journal's results and rename it over the old one."""
     n = len(items)
     ok = np.zeros(n, dtype=bool)
+    covered = np.zeros(n, dtype=bool)
     reasons = np.full(n, "", dtype=object)
     for path in journal.shard_paths():  # only the small columns: features and images are read once, below
         with np.load(path, allow_pickle=False) as z:
             idx = z["idx"]
             ok[idx] = z["ok"]
+            covered[idx] = True
             reasons[idx] = z["reason"]
+    if not covered.all():  # an item missing from the journal would silently lose its row: a bug, never input
+        raise BuildError(f"internal error: {int((~covered).sum())} images of {ds_name!r} are missing from the journal "
+                         f"{journal.dir}; run the same command again")
     failed = [(items[i].id, str(items[i].path), str(reasons[i])) for i in np.flatnonzero(~ok)]
     if not ok.any():
         raise BuildError(f"no image of {ds_name!r} could be encoded ({len(failed)} failed; first: {failed[0][2]}); "
@@ -708,35 +770,51 @@ def _ids_hash(ids) -> str:
 
 def _build_aug(out: Path, ds_name: str, key: str, enc: Encoder, fp: str, dev: torch.device, precision: str,
                views: int, seed: int, recipe: Recipe, size: int, batch_size: int, flush_seconds: float,
-               progress: bool, log, report: BuildReport) -> None:
+               progress: bool, log, report: BuildReport, ctx: Context) -> None:
     """Encode views K0..views-1 of every row from the store's cached ``size`` px images, journal them and
     commit. Work item ``t`` of the journal is (view K0 + t // n, row t % n), so a rerun with a larger K resumes
     the same journal and only adds the items it lacks."""
-    with h5py.File(out, "r") as f:
-        g = f["datasets"][ds_name]
-        ids = g["ids"].asstr()[()]
-        manifest_sha = g.attrs.get("manifest_sha256")
-        d = g["encoders"][key].get(st.AUG_FEATURES)
-        k0 = int(d.shape[1]) if isinstance(d, h5py.Dataset) else 0
-    n, insize = len(ids), input_size(enc)
-    plan = {"stage": AUG_STAGE, "dataset": ds_name, "manifest_sha256": manifest_sha, "ids": _ids_hash(ids),
-            "encoder": fp, "key": key, "first_view": k0, "seed": seed, "recipe": recipe.to_dict(),
-            "image_size": size, "input_size": insize, "tool_version": featcache.__version__}
-    journal = Journal(out, plan)
-    journal.open()
+    with ctx.step("reading the store's images for the augmented views", log) as met:
+        with h5py.File(out, "r") as f:
+            g = f["datasets"][ds_name]
+            ids = g["ids"].asstr()[()]
+            manifest_sha = g.attrs.get("manifest_sha256")
+            d = g["encoders"][key].get(st.AUG_FEATURES)
+            k0 = int(d.shape[1]) if isinstance(d, h5py.Dataset) else 0
+        n, insize = len(ids), input_size(enc)
+        plan = {"stage": AUG_STAGE, "dataset": ds_name, "manifest_sha256": manifest_sha, "ids": _ids_hash(ids),
+                "encoder": fp, "key": key, "first_view": k0, "seed": seed, "recipe": recipe.to_dict(),
+                "image_size": size, "input_size": insize, "tool_version": featcache.__version__}
+        journal = Journal(out, plan, part=ctx.journal_part)
+        journal.open(primary=ctx.primary)
+        met.value = plan
+    ctx.agree("the store", met.values, f"every node must see the same {out} (a shared file system)")
     m = (views - k0) * n
-    done = journal.done_mask(m)
+    with ctx.step("reading the journal of the augmented views", log) as met:
+        done = journal.done_mask(m)
+        met.value = hashlib.sha256(np.packbits(done).tobytes()).hexdigest()
+    ctx.agree("the journal", met.values, f"every node must see the same {journal.dir} (a shared file system)")
     report.aug_resumed_from = int(done.sum())
-    if report.aug_resumed_from:
+    if report.aug_resumed_from and ctx.primary:
         log(f"resuming: {report.aug_resumed_from}/{m} augmented views already encoded in {journal.dir}")
     todo = np.flatnonzero(~done)
     v_rel, rows = np.divmod(todo, n)
     todo = todo[np.lexsort((v_rel, rows))]  # row by row, every view of a row together: each image is read once
-    if len(todo):
-        report.aug_encoded_now = _run_aug(out, ds_name, enc, dev, precision, ids, k0, views, seed, recipe, size,
-                                          insize, todo, journal, batch_size, flush_seconds, progress)
-    _commit_aug(out, journal, ds_name, key, n, k0, views, seed, recipe, size, insize, enc, dev, precision)
-    journal.remove()
+    mine = ctx.shard(todo)
+    if ctx.active:
+        log(f"encoding {len(mine)} of the {len(todo)} augmented views left on {dev}")
+    with ctx.step("encoding augmented views", log) as met:
+        encoded = 0
+        if len(mine):
+            encoded = _run_aug(out, ds_name, enc, dev, precision, ids, k0, views, seed, recipe, size, insize, mine,
+                               journal, batch_size, flush_seconds, progress)
+        met.value = (encoded, [str(p) for p in journal.written])
+    report.aug_encoded_now = sum(v[0] for v in met.values)
+    journal.reported = {Path(p) for v in met.values for p in v[1]}
+    with ctx.step("committing the augmented views", log):
+        if ctx.primary:
+            _commit_aug(out, journal, ds_name, key, n, k0, views, seed, recipe, size, insize, enc, dev, precision)
+            journal.remove()
     report.aug_views, report.aug_added = views, views - k0
 
 

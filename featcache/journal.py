@@ -99,23 +99,36 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Journal:
-    def __init__(self, store_path: Path, plan: dict):
+    """One plan's shards. ``part`` (e.g. ``"rank-00001"``): this process writes into ``<plan>/<part>/``, as each
+    rank of a torchrun build does, so ranks never share a file name; every reader sees the shards of all parts."""
+
+    def __init__(self, store_path: Path, plan: dict, part: str | None = None):
         self.root = Path(str(store_path) + ".journal")
         self.dir = self.root / plan_hash(plan)
+        self.write_dir = self.dir / part if part else self.dir
         self.plan = plan
+        self.written: list[Path] = []   # shards this process wrote (their names are reported to the committer)
+        self.reported: set[Path] = set()  # shards other ranks said they wrote (see shard_paths)
 
-    def open(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def open(self, primary: bool = True) -> None:
+        """Create the folder, the plan and (``primary``) remove writes cut short by a kill, in every part: only
+        the primary does that, while no rank writes."""
+        self.write_dir.mkdir(parents=True, exist_ok=True)
+        if not primary:
+            return
         plan_file = self.dir / "plan.json"
         if not plan_file.exists():
             tmp = self.dir / "plan.json.tmp"
             tmp.write_text(json.dumps(self.plan, sort_keys=True, indent=1))
             os.replace(tmp, plan_file)
-        for stale in self.dir.glob("*.tmp*"):  # a write cut short by a kill
+        for stale in [*self.dir.glob("*.tmp*"), *self.dir.glob("rank-*/*.tmp*")]:  # a write cut short by a kill
             stale.unlink()
 
     def shard_paths(self) -> list[Path]:
-        return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
+        """Complete shards of every part, plus those other ranks reported: on a shared file system another node's
+        new file may be missing from a cached directory listing for a while, but it opens by its name."""
+        found = ([*self.dir.glob("shard-*.npz"), *self.dir.glob("rank-*/shard-*.npz")] if self.dir.exists() else [])
+        return sorted({p for p in found if ".tmp" not in p.name} | self.reported)
 
     def done_mask(self, n: int) -> np.ndarray:
         """Work items 0..n-1 that a shard holds; items >= n (an augmented-view journal resumed with a smaller
@@ -128,8 +141,8 @@ class Journal:
         return done
 
     def write_shard(self, seq: int, **arrays: np.ndarray) -> Path:
-        final = self.dir / f"shard-{seq:09d}.npz"
-        tmp = self.dir / f"shard-{seq:09d}.tmp.npz"
+        final = self.write_dir / f"shard-{seq:09d}.npz"
+        tmp = self.write_dir / f"shard-{seq:09d}.tmp.npz"
         try:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
@@ -141,11 +154,12 @@ class Journal:
             if isinstance(e, OSError) and not e.filename:  # np.savez's errors do not say which file
                 raise OSError(e.errno, e.strerror or str(e), str(tmp)) from None
             raise
-        _fsync_dir(self.dir)
+        _fsync_dir(self.write_dir)
+        self.written.append(final)
         return final
 
     def next_seq(self) -> int:
-        paths = self.shard_paths()
+        paths = sorted(p for p in self.write_dir.glob("shard-*.npz") if ".tmp" not in p.name)
         return int(paths[-1].name[6:15]) + 1 if paths else 0
 
     def remove(self) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from featcache import StoreError, open_store
+from featcache.distributed import Context, detect, session
 from featcache.errors import FerError
 from maskfer import rundir
 from maskfer.batches import check_drop, check_online_encoder, check_recipe, check_views
@@ -327,46 +328,88 @@ def plan_sweep(base: TrainConfig, grid: dict[str, list], out: Path, write: bool 
 
 
 def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | Path, parallel: int = 1, progress: bool = True,
-              log=print, trust_plugins: bool = False) -> dict:
+              log=print, trust_plugins: bool = False, dist_context: Context | None = None) -> dict:
+    """Train (or resume) every configuration of the grid, evaluate it on its test sets, write the summary.
+
+    Under torchrun (``WORLD_SIZE`` > 1, or ``dist_context``) every rank calls this with the same arguments: the
+    work units (the groups ``parallel`` forms, then lone runs, then runs that only need their evaluation) go
+    round-robin to the ranks, each trains its units on its own device, and rank 0 writes the summary once all
+    ranks are done (docs/sweep.md, "Several GPUs and nodes: torchrun"). Every rank returns the summary."""
     out = Path(out)
-    grid = _stored_order(out, grid)
-    points = plan_sweep(base, grid, out)
-    todo = [(rid, p, c) for rid, p, c in points if not _finished(out / "runs" / rid, c)]
-    log(f"sweep {out}: {len(points)} configurations, {len(points) - len(todo)} already finished")
+    ctx = detect() if dist_context is None else dist_context
+    dev = ctx.device(base.device) if ctx.active else None
+    log, progress = ctx.prefixed(log), ctx.progress(progress)
+    with session(ctx, dev):
+        with ctx.step("checking the sweep", log):
+            grid = _stored_order(out, grid)
+            points = plan_sweep(base, grid, out, write=ctx.primary)
+        with ctx.step("reading which runs are finished", log) as met:
+            todo = [(rid, p, c) for rid, p, c in points if not _finished(out / "runs" / rid, c)]
+            evaluate = [(rid, p, c) for rid, p, c in points if (rid, p, c) not in todo
+                        and not _has_results(out / "runs" / rid, c)]
+            met.value = ([rid for rid, _, _ in todo], [rid for rid, _, _ in evaluate])
+        ctx.agree("the sweep directory", met.values, f"every node must see the same {out} (a shared file system)")
+        if ctx.primary:
+            log(f"sweep {out}: {len(points)} configurations, {len(points) - len(todo)} already finished")
+        units = _work_units(todo, evaluate, parallel)
+        if ctx.active:  # each rank's configurations run on its own device (device is not part of a run's identity)
+            units = [(kind, [(rid, p, dataclasses.replace(c, device=str(dev))) for rid, p, c in members])
+                     for kind, members in ctx.shard(units)]
+            log(f"{sum(len(m) for k, m in units if k != 'evaluate')} of the {len(todo)} configurations to train "
+                f"are this rank's, on {dev}")
+        with ctx.step("training", log):
+            lone = [m[0][0] for k, m in units if k == "train"]
+            for kind, members in units:
+                if kind == "train":
+                    log(f"[{lone.index(members[0][0]) + 1}/{len(lone)}] {members[0][0]}")
+                _run_unit(kind, members, out, progress, log, trust_plugins)
+        with ctx.step("writing the summary", log):
+            if ctx.primary:
+                # trained earlier but killed before its evaluation, or rerun with other --test sets: the units
+                # above evaluated them; this catches one a rank left without results (merge=False everywhere: a
+                # sweep run's results.json holds exactly its configuration's test sets).
+                for rid, _, c in points:
+                    if not _has_results(out / "runs" / rid, c):
+                        evaluate_run(out / "runs" / rid, c.cache, c.test, device=dev if ctx.active else c.device,
+                                     log=log, merge=False, trust_plugins=trust_plugins)
+                for line in sorted({line for _, _, c in points for line in paper_differences(c)}):
+                    log(line)
+                summary = summarize_sweep(out, points, grid)
+    return summary if ctx.primary else rundir.read_json(out / "summary.json")
+
+
+def _work_units(todo, evaluate, parallel: int) -> list[tuple[str, list]]:
+    """The sweep's work in a fixed order: ("parallel", a chunk of <= ``parallel`` configurations of one group),
+    ("train", one configuration), ("evaluate", one trained configuration without its test results). The same
+    todo gives the same units, so every rank of a torchrun launch computes the same list and takes its share."""
     # The converged linear probe is one L-BFGS solve, not an epoch loop: nothing to stack.
     stacked = [t for t in todo if t[2].method_spec.epoch_trained] if parallel > 1 else []
-    if stacked:
-        groups: dict[str, list] = {}
-        for rid, p, c in stacked:
-            groups.setdefault(group_key(c), []).append((rid, p, c))
-        for members in groups.values():
-            for s in range(0, len(members), parallel):
-                chunk = members[s:s + parallel]
-                log(f"training {len(chunk)} configurations at once: {', '.join(r for r, _, _ in chunk)}")
-                train_parallel([c for _, _, c in chunk], [out / "runs" / r for r, _, _ in chunk],
-                               progress=progress, log=log, trust_plugins=trust_plugins)
-                for rid, _, c in chunk:
-                    if c.test:
-                        evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False,
-                                     trust_plugins=trust_plugins)
-    sequential = [t for t in todo if t not in stacked]
-    if sequential:
-        for i, (rid, p, c) in enumerate(sequential):
-            log(f"[{i + 1}/{len(sequential)}] {rid}")
-            trainer = Trainer(c, out / "runs" / rid, progress, log, trust_plugins=trust_plugins)
-            trainer.run()
-            if c.test:
-                evaluate_run(out / "runs" / rid, c.cache, c.test, device=trainer.device, log=log, merge=False,
-                             trust_plugins=trust_plugins)
-    # trained earlier but killed before its evaluation, or the sweep is rerun with other --test sets.
-    # merge=False everywhere: a sweep run's results.json holds exactly its configuration's test sets.
-    for rid, _, c in points:
-        if not _has_results(out / "runs" / rid, c):
-            evaluate_run(out / "runs" / rid, c.cache, c.test, device=c.device, log=log, merge=False,
+    groups: dict[str, list] = {}
+    for rid, p, c in stacked:
+        groups.setdefault(group_key(c), []).append((rid, p, c))
+    units = [("parallel", members[s:s + parallel]) for members in groups.values()
+             for s in range(0, len(members), parallel)]
+    units += [("train", [t]) for t in todo if t not in stacked]
+    return units + [("evaluate", [t]) for t in evaluate]
+
+
+def _run_unit(kind: str, members: list, out: Path, progress: bool, log, trust_plugins: bool) -> None:
+    if kind == "parallel":
+        log(f"training {len(members)} configurations at once: {', '.join(r for r, _, _ in members)}")
+        train_parallel([c for _, _, c in members], [out / "runs" / r for r, _, _ in members],
+                       progress=progress, log=log, trust_plugins=trust_plugins)
+        device = members[0][2].device
+    elif kind == "train":
+        rid, _, c = members[0]
+        trainer = Trainer(c, out / "runs" / rid, progress, log, trust_plugins=trust_plugins)
+        trainer.run()
+        device = trainer.device
+    else:
+        device = members[0][2].device
+    for rid, _, c in members:
+        if c.test:
+            evaluate_run(out / "runs" / rid, c.cache, c.test, device=device, log=log, merge=False,
                          trust_plugins=trust_plugins)
-    for line in sorted({line for _, _, c in points for line in paper_differences(c)}):
-        log(line)
-    return summarize_sweep(out, points, grid)
 
 
 # ---------------------------------------------------------------------------- summary
