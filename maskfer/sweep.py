@@ -288,9 +288,9 @@ def check_data(points) -> None:
 def _finished(run: Path, cfg: TrainConfig) -> bool:
     """Trained to the last epoch (the test results are checked separately: :func:`_has_results`)."""
     rows = rundir.read_metrics(run)
-    if cfg.method_spec.fit == "lbfgs":  # one solve, one metrics row (maskfer.probe); an older epoch-trained
-        # 'linear-probe' run is not a fitted probe (the Trainer refuses to count it as one)
-        return bool(rows) and rows[-1].get("solver") == "lbfgs" and (run / rundir.LAST).exists()
+    if not cfg.method_spec.epoch_trained:  # one solve (maskfer.probe) or zero-shot: one metrics row whose solver
+        # names the fit; an older epoch-trained 'linear-probe' run is not a fitted probe (the Trainer refuses it)
+        return bool(rows) and rows[-1].get("solver") == cfg.method_spec.fit and (run / rundir.LAST).exists()
     return len(rows) >= cfg.epochs and (run / rundir.LAST).exists()
 
 

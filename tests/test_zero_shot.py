@@ -328,3 +328,12 @@ def test_hub_checkpoint_loads_its_text_tower_at_the_recorded_commit(full_clip, t
                                unit[:1], atol=1e-5, rtol=1e-5)
     with pytest.raises(TextTowerError, match="not in the local Hugging Face cache"):
         load_text_tower(dict(meta, revision="0" * 40))  # another commit: not here, and never fetched
+
+
+def test_a_sweep_counts_a_zero_shot_run_as_finished(zs_store, tmp_path):
+    from maskfer.sweep import _finished
+
+    cfg = mf.small_cfg(zs_store, method="zero-shot", epochs=60)  # one row, whatever --epochs says
+    assert not _finished(tmp_path / "zs", cfg)
+    train(cfg, tmp_path / "zs", progress=False, log=mf.quiet)
+    assert _finished(tmp_path / "zs", cfg)
