@@ -49,19 +49,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import B32, TINY, loadavg  # noqa: E402 - benchmarks/common.py
 
 CLASSES7 = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
-B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-           patch_size=32, image_size=224, projection_dim=512)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            patch_size=32, image_size=224, projection_dim=512)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def free_port() -> int:

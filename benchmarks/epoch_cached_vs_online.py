@@ -30,9 +30,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from common import make_images  # noqa: E402 - benchmarks/common.py
 
 
 def save_random_vit_b32(path: Path, seed: int = 0) -> Path:
@@ -40,23 +39,6 @@ def save_random_vit_b32(path: Path, seed: int = 0) -> Path:
     from featcache.encoders.random_clip import VIT_B32, save_random_clip
 
     return save_random_clip(path, seed=seed, **VIT_B32)
-
-
-def make_images(root: Path, n: int, size: int, seed: int = 0) -> Path:
-    """n images in class folders (train/<class>/i.png), class-coloured stripes plus noise."""
-    from featcache.taxonomy import CLASSES
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        label = i % len(CLASSES)
-        d = root / "train" / CLASSES[label]
-        d.mkdir(parents=True, exist_ok=True)
-        colour = rng.integers(40, 230, 3)
-        stripes = ((xx + yy * (label % 2)) // (3 + 2 * label)) % 2
-        img = colour[None, None] * (0.7 + 0.3 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i:04d}.png")
-    return root
 
 
 def main() -> None:

@@ -66,23 +66,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import B32, TINY, loadavg  # noqa: E402 - benchmarks/common.py
 
 DEFAULT_FER = Path(os.environ.get("FER_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/data/fer")
 CLASSES7 = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
-B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-           patch_size=32, image_size=224, projection_dim=512)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            patch_size=32, image_size=224, projection_dim=512)
 
 
 # --------------------------------------------------------------------------- small helpers
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def _proc_kb(pid: int, field: str, fname: str = "status") -> int:
     try:
         for line in Path(f"/proc/{pid}/{fname}").read_text().splitlines():

@@ -146,3 +146,27 @@ def fx_base(tmp_path_factory) -> Path:
 @pytest.fixture
 def store(fx_base, tiny_clip_dir) -> Path:
     return fixture_store(fx_base, tiny_clip_dir)
+
+
+def two_domain_store(base: Path, clip_dir: Path, a_splits: dict[str, int], b_splits: dict[str, int]) -> Path:
+    """``base/features.h5`` with domA (domain 0, seed 1) and domB (domain 1, seed 2) of the given splits."""
+    a = make_colour_dataset(base / "domA", a_splits, domain=0, seed=1)
+    b = make_colour_dataset(base / "domB", b_splits, domain=1, seed=2)
+    path = base / "features.h5"
+    build(path, "domA", a, clip_dir, tuple(a_splits))
+    build(path, "domB", b, clip_dir, tuple(b_splits))
+    return path
+
+
+def fake_hub_cache(cache: Path, checkpoint: Path, repo_id: str, commit: str, monkeypatch) -> None:
+    """``checkpoint`` as the cached snapshot ``commit`` of hub repository ``repo_id`` (main -> commit) in a
+    Hugging Face cache at ``cache``, which becomes the cache in use."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))

@@ -247,13 +247,8 @@ def test_a_held_store_lock_stops_every_rank(faces, tmp_path):
 # ---------------------------------------------------------------- (3) sharded sweep == one-process sweep
 @pytest.fixture(scope="module")
 def sweep_store(tmp_path_factory, tiny_clip_dir) -> Path:
-    base = tmp_path_factory.mktemp("dist_sweep")
-    a = mf.make_colour_dataset(base / "domA", {"train": 3, "val": 2, "test": 1}, domain=0, seed=1)
-    b = mf.make_colour_dataset(base / "domB", {"train": 2, "test": 1}, domain=1, seed=2)
-    path = base / "features.h5"
-    mf.build(path, "domA", a, tiny_clip_dir, ("train", "val", "test"))
-    mf.build(path, "domB", b, tiny_clip_dir, ("train", "test"))
-    return path
+    return mf.two_domain_store(tmp_path_factory.mktemp("dist_sweep"), tiny_clip_dir,
+                               {"train": 3, "val": 2, "test": 1}, {"train": 2, "test": 1})
 
 
 SWEEP = ["--train", "domA", "--test", "domA,domB", "--epochs", 1, "--batch-size", 16, "--image-size", 16,

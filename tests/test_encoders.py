@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import maskfer_fixtures as mf
 from featcache.encoders import Encoder, EncoderError, create_encoder, fingerprint, list_encoders
 from featcache.encoders import plugin
 
@@ -97,14 +98,8 @@ def test_preprocess_pickles_and_runs_in_workers(tiny_enc):
 
 
 def test_hub_id_from_local_cache_records_commit(tiny_clip_dir, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "models--testorg--tiny-hub-clip"
-    shutil.copytree(tiny_clip_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    mf.fake_hub_cache(tmp_path, tiny_clip_dir, "testorg/tiny-hub-clip", commit, monkeypatch)
     enc = create_encoder("testorg/tiny-hub-clip")
     assert enc.name == "tiny-hub-clip" and enc.metadata["revision"] == commit and enc.metadata["model"] == "testorg/tiny-hub-clip"
 

@@ -39,13 +39,8 @@ RESOLVED_TESTS = {"domA:test", "domB:test"}   # their names in results.json
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_clip_dir) -> Path:
-    base = tmp_path_factory.mktemp("sweep_store")
-    a = mf.make_colour_dataset(base / "domA", {"train": 4, "val": 2, "test": 2}, domain=0, seed=1)
-    b = mf.make_colour_dataset(base / "domB", {"train": 4, "test": 2}, domain=1, seed=2)
-    path = base / "features.h5"
-    mf.build(path, "domA", a, tiny_clip_dir, ("train", "val", "test"))
-    mf.build(path, "domB", b, tiny_clip_dir, ("train", "test"))
-    return path
+    return mf.two_domain_store(tmp_path_factory.mktemp("sweep_store"), tiny_clip_dir,
+                               {"train": 4, "val": 2, "test": 2}, {"train": 4, "test": 2})
 
 
 def base_cfg(store, **kw) -> TrainConfig:

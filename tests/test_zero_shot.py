@@ -311,14 +311,8 @@ def test_options_that_do_not_apply_are_refused(zs_store):
 
 
 def test_hub_checkpoint_loads_its_text_tower_at_the_recorded_commit(full_clip, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "models--testorg--tiny-full-clip"
-    shutil.copytree(full_clip, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    mf.fake_hub_cache(tmp_path, full_clip, "testorg/tiny-full-clip", commit, monkeypatch)
     meta = create_encoder("testorg/tiny-full-clip").metadata
     assert meta["revision"] == commit and meta["local_path"] is None and meta["text_tower"] is True
     unit, scale, _ = reference(full_clip, [["a photo of a happy face."]] * 7)
