@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,4 +186,6 @@ def test_the_demo_photo_step_finds_the_three_pasted_faces(tmp_path, cafe_run):
         cx, cy = (r["box"][0] + r["box"][2]) / 2, (r["box"][1] + r["box"][3]) / 2
         assert x0 < cx < x1 and y0 < cy < y1
     assert Image.open(res["annotated"]).size == (960, 540)
-    assert lines[0].startswith("DEMO photo: 3 face(s) found") and "show the path, not accuracy" in lines[-1]
+    assert lines[0].startswith("exported ") and lines[1].startswith("DEMO photo: 3 face(s) found")
+    assert "show the path, not accuracy" in lines[-1]
+    assert Path(res["model"], "model.safetensors").is_file()           # the photo went through the export

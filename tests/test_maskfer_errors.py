@@ -171,7 +171,7 @@ def test_pretrained_file_that_does_not_fit(store, tmp_path, weights, match):
 
 
 def test_invalid_options():
-    with pytest.raises(ConfigError, match="--method must be one of cafe, baseline, linear-probe, linear-head, not 'mask'"):
+    with pytest.raises(ConfigError, match="--method must be one of cafe, baseline, linear-probe, linear-head, zero-shot, not 'mask'"):
         TrainConfig(train="x", method="mask").validate()
     with pytest.raises(ConfigError, match="--backbone must be one of .*resnet18.*, not 'resnet19'"):
         TrainConfig(train="x", backbone="resnet19").validate()

@@ -367,13 +367,18 @@ def test_predict_exits_non_zero_when_nothing_was_predicted(probe_run, fx_base, t
     r = invoke("predict", "--run", probe_run, *broken, "--device", "cpu")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert all(f"{b}: ERROR" in r.stdout for b in broken)  # each failure listed ...
-    assert "error: none of the 2 image(s) could be predicted" in r.stderr  # ... and the run fails
+    assert "error: none of the 2 input(s) could be predicted" in r.stderr  # ... and the run fails
     r = invoke("predict", "--run", probe_run, *broken, "--output", tmp_path / "p.csv", "--device", "cpu")
     assert r.exit_code == 1 and (tmp_path / "p.csv").exists()
     # a partial success still exits 0, with the failure listed and a note
-    r = invoke("predict", "--run", probe_run, fx_base / "domA" / "test" / "anger", broken[0], "--device", "cpu")
+    r = invoke("predict", "--run", probe_run, fx_base / "domA" / "test" / "anger", broken[0], "--device", "cpu",
+               "--detect", "none")
     assert r.exit_code == 0 and f"{broken[0]}: ERROR" in r.stdout
-    assert "1 of 3 image(s) could not be predicted" in r.stderr
+    assert "1 of 3 input(s) could not be predicted" in r.stderr
+    # images in which the detector finds no face: a row each, exit 0, and a note saying so
+    r = invoke("predict", "--run", probe_run, fx_base / "domA" / "test" / "anger", "--device", "cpu")
+    assert r.exit_code == 0 and r.stdout.count(": no face found") == 2
+    assert "no face found in 2 image(s)/frame(s); for pre-cropped faces use --detect none" in r.stderr
 
 
 # ---------------------------------------------------------------- 6. --test checked before training
