@@ -153,12 +153,11 @@ class BlazeFace:
         boxes = np.concatenate([centre - half, centre + half], 1)
         points = raw[:, 2:] + anchors[:, None]
         ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        h, w = image.shape[:2]
         faces = []
         for box, pts, score in weighted_nms(boxes[ok], points[ok], scores[ok], self.nms_threshold):
-            box = box * side - np.array([px, py, px, py])
+            box = np.clip(box * side - np.array([px, py, px, py]), 0, [w, h, w, h])
             pts = pts * side - np.array([px, py])
-            h, w = image.shape[:2]
-            box = np.clip(box, 0, [w, h, w, h])
             faces.append(Face(tuple(float(v) for v in box), score, pts.astype(np.float32)))
         return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
 
