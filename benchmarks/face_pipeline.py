@@ -1,6 +1,7 @@
 """What finding and aligning a face costs next to classifying it, per face, measured side by side in one run.
 
-A 960x540 photo with three real faces (muxspace, from ../shared/data/fer or --data) goes through
+The demo's 960x540 group photo (maskfer.demo_photo: a real public-domain portrait that matplotlib ships,
+pasted three times: smaller, rotated 15 degrees, mirrored) goes through
 BlazeFace (maskfer.faces, full range and short range) and the eye alignment (maskfer.align); each
 aligned face then goes through the frozen encoders' preprocessing + forward (a RANDOM-INIT CLIP ViT-B/32
 vision tower: the compute of openai/clip-vit-base-patch32 without downloading it; EfficientNet-Lite0
@@ -23,21 +24,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
-FACES = ["AJ_Cook_0001.jpg", "Andreas_Vinciguerra_0001.jpg", "Christine_Gregoire_0004.jpg"]
-
-
-def photo(images: Path) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    canvas = Image.fromarray((rng.normal(0, 1, (68, 120, 3)) * 30 + 120).clip(0, 255).astype(np.uint8))
-    canvas = canvas.resize((960, 540), Image.BICUBIC)
-    for name, (x, y, s, rot) in zip(FACES, [(60, 120, 180, 0), (390, 170, 160, 15), (700, 90, 200, 0)]):
-        im = Image.open(images / name).convert("RGB").resize((s, s), Image.BICUBIC)
-        canvas.paste(im.rotate(rot, resample=Image.BICUBIC), (x, y), Image.new("L", (s, s), 255).rotate(rot))
-    return np.asarray(canvas)
 
 
 def timed(fn, repeats: int, sync=lambda: None) -> float:
@@ -54,7 +42,6 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/fer"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=10)
@@ -65,12 +52,13 @@ def main() -> None:
     from featcache.encoders.random_clip import VIT_B32, save_random_clip
     from maskfer.align import align_face
     from maskfer.backbones import create_backbone
+    from maskfer.demo_photo import group_photo, portrait
     from maskfer.faces import create_detector
 
-    images = Path(a.data) / "muxspace" / "images"
-    if not images.is_dir():
-        raise SystemExit(f"needs the muxspace faces at {images} (--data)")
-    img = photo(images)
+    face = portrait()
+    if face is None:
+        raise SystemExit("needs matplotlib (the report extra), which ships the portrait the photo is made of")
+    img, _ = group_photo(face)
     dev = torch.device(a.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     rows = []

@@ -36,15 +36,15 @@ def portrait() -> Image.Image | None:
     return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 
 
-def group_photo(face: Image.Image, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """(RGB uint8 540x960 photo, the pasted squares) with three copies of ``face``'s face region."""
+def paste_faces(faces: list[Image.Image], places, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """(RGB uint8 540x960 photo, the pasted squares): each face resized to a square and pasted on a generated
+    background at its place ``(x, y, side, rotation in degrees counter-clockwise, mirrored)``."""
     rng = np.random.default_rng(seed)
     bg = (rng.normal(0, 1, (540 // 12, 960 // 12, 3)) * 25 + np.array([120, 135, 125])).clip(0, 255)
     canvas = Image.fromarray(bg.astype(np.uint8)).resize((960, 540), Image.BICUBIC)
-    crop = face.crop(_FACE)
     squares = []
-    for x, y, s, rot, mirror in _COPIES:
-        im = crop.resize((s, s), Image.BICUBIC)
+    for face, (x, y, s, rot, mirror) in zip(faces, places):
+        im = face.convert("RGB").resize((s, s), Image.BICUBIC)
         im = ImageOps.mirror(im) if mirror else im
         mask = Image.new("L", (s, s), 255)
         if rot:
@@ -52,6 +52,11 @@ def group_photo(face: Image.Image, seed: int = 0) -> tuple[np.ndarray, list[tupl
         canvas.paste(im, (x, y), mask)
         squares.append((x, y, x + s, y + s))
     return np.asarray(canvas), squares
+
+
+def group_photo(face: Image.Image, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The demo's photo: three copies of ``face``'s face region (:func:`paste_faces`)."""
+    return paste_faces([face.crop(_FACE)] * len(_COPIES), _COPIES, seed)
 
 
 def photo_step(run: Path, out: Path, device: str = "auto", log=print) -> dict | None:

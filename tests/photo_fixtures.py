@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from maskfer.demo_photo import paste_faces
+
 # Three muxspace faces (224 px crops) with their face boxes annotated by hand (brows/forehead line to chin,
 # cheek to cheek) in the source's pixels.
 FACES = {
@@ -36,18 +38,9 @@ def _known_box(ann, place) -> tuple[float, float, float, float]:
 
 def group_photo(muxspace_images: Path, seed: int = 0) -> tuple[np.ndarray, list[tuple[float, ...]]]:
     """(RGB uint8 540x960 photo, the three known face boxes, left to right)."""
-    rng = np.random.default_rng(seed)
-    bg = (rng.normal(0, 1, (540 // 8, 960 // 8, 3)) * 30 + 120).clip(0, 255).astype(np.uint8)
-    canvas = Image.fromarray(bg).resize((960, 540), Image.BICUBIC)
-    boxes = []
-    for (name, ann), (x, y, s, rot) in zip(FACES.items(), PLACES):
-        im = Image.open(muxspace_images / name).convert("RGB").resize((s, s), Image.BICUBIC)
-        mask = Image.new("L", (s, s), 255)
-        if rot:
-            im, mask = im.rotate(rot, resample=Image.BICUBIC), mask.rotate(rot, resample=Image.BICUBIC)
-        canvas.paste(im, (x, y), mask)
-        boxes.append(_known_box(ann, (x, y, s, rot)))
-    return np.asarray(canvas), boxes
+    faces = [Image.open(muxspace_images / name) for name in FACES]
+    photo, _ = paste_faces(faces, [(x, y, s, rot, False) for x, y, s, rot in PLACES], seed)
+    return photo, [_known_box(ann, place) for ann, place in zip(FACES.values(), PLACES)]
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
