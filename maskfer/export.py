@@ -12,7 +12,6 @@ with huggingface_hub; `from_pretrained("OWNER/NAME")` downloads it through the s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 from featcache.taxonomy import CLASSES
 from maskfer.evaluate import EvalError, load_run
 from maskfer.predictor import CONFIG, WEIGHTS, package_config
-from maskfer.rundir import RESULTS
+from maskfer.rundir import RESULTS, share_file
 
 
 def _results(run: Path) -> dict:
@@ -88,9 +87,7 @@ def export_model(run: str | Path, out: str | Path, push_to_hub: str | None = Non
               metadata={"format": "pt"})
     (tmp / CONFIG).write_text(json.dumps(pkg, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(pkg, _results(run), run.name))
-    umask = os.umask(0)
-    os.umask(umask)
-    (tmp / WEIGHTS).chmod(0o666 & ~umask)  # safetensors writes it private; a model folder is meant to be shared
+    share_file(tmp / WEIGHTS)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # the folder appears whole or not at all

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from featcache.encoders import EncoderError, create_encoder, fingerprint, preprocess_mode
+from featcache.encoders import create_recorded_encoder, preprocess_mode
 from featcache.encoders.batched import input_size, tensor_preprocess
 from featcache.views import apply_params, resize01
 
@@ -21,14 +21,11 @@ class OnlineEncoder:
         ``trust_plugins`` (--trust-plugins); ``source`` names the store and key for the refusal message."""
         spec = enc_info.get("spec") or enc_info["metadata"]["model"]
         # the store's input mode (featcache build --preprocess) is part of the features
-        enc = create_encoder(spec, device=str(device), trust_plugins=trust_plugins,
-                             source=source or f"the feature store's encoder {enc_info.get('key', '?')!r} (attribute 'spec')",
-                             preprocess=preprocess_mode(enc_info.get("metadata") or {}))
+        enc = create_recorded_encoder(
+            spec, enc_info["fingerprint"], str(device), recorded_by="the feature store (--online-encoder)",
+            trust_plugins=trust_plugins, preprocess=preprocess_mode(enc_info.get("metadata") or {}),
+            source=source or f"the feature store's encoder {enc_info.get('key', '?')!r} (attribute 'spec')")
         meta = enc.metadata
-        if fingerprint(meta) != enc_info["fingerprint"]:
-            raise EncoderError(
-                f"--online-encoder: encoder {spec!r} now loads with fingerprint {fingerprint(meta)}, "
-                f"but the store's features came from {enc_info['fingerprint']}; they are not comparable")
         self.module, self.prep, self.size = enc.module, tensor_preprocess(meta), input_size(meta)
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from featcache.devices import resolve_device
-from featcache.encoders import create_encoder, fingerprint
+from featcache.encoders import FingerprintMismatch, create_recorded_encoder
 from featcache.encoders.batched import input_size, tensor_preprocess
 from featcache.errors import FerError
 from featcache.taxonomy import CLASSES
@@ -94,13 +94,12 @@ def _load(run_dir, device, trust_plugins):
     encoder = prep = enc_size = None
     if spec.needs_features:
         info = stored["encoder"]
-        enc = create_encoder(info["spec"], device=str(dev), trust_plugins=trust_plugins,
-                             source=f"{run / rundir.CONFIG} (field encoder.spec)",
-                             preprocess=info.get("preprocess") or "clip")
-        if fingerprint(enc.metadata) != info["fingerprint"]:
-            raise ExportError(f"encoder {info['spec']!r} now loads with another fingerprint than run {run} was "
-                              f"trained on ({fingerprint(enc.metadata)} vs {info['fingerprint']}); its export "
-                              "would not compute the run's features")
+        try:
+            enc = create_recorded_encoder(info["spec"], info["fingerprint"], str(dev), recorded_by=f"run {run}",
+                                          trust_plugins=trust_plugins, preprocess=info.get("preprocess") or "clip",
+                                          source=f"{run / rundir.CONFIG} (field encoder.spec)")
+        except FingerprintMismatch as e:
+            raise ExportError(f"{e}: its export would not compute the run's features") from None
         encoder, prep, enc_size = enc.module.eval(), tensor_preprocess(enc.metadata), input_size(enc.metadata)
     fused = FusedClassifier(model, source_size, cfg.image_size if spec.needs_images else None, encoder, prep, enc_size)
     return fused.to(dev).eval().requires_grad_(False), cfg, stored
@@ -213,9 +212,7 @@ def export_onnx(run_dir, out_path, opset: int = DEFAULT_OPSET, trust_plugins: bo
             proto.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the model is a file to share like any other
+        rundir.share_file(tmp)
         os.replace(tmp, out_path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from featcache.devices import resolve_device
-from featcache.encoders import create_encoder, fingerprint
+from featcache.encoders import create_recorded_encoder
 from featcache.errors import FerError
 from featcache.images import ImageError, load_image, resize_uint8
 from featcache.taxonomy import CLASSES
@@ -62,7 +62,7 @@ def package_config(stored: dict) -> dict:
     }
 
 
-def _model_from_package(pkg: dict, state: dict, source: str) -> tuple[torch.nn.Module, TrainConfig]:
+def _config_from_package(pkg: dict, source: str) -> TrainConfig:
     if pkg.get("format") != PACKAGE_FORMAT:
         raise PredictorError(f"{source}: not a cafe-fer model (field 'format' is {pkg.get('format')!r}, "
                              f"expected {PACKAGE_FORMAT!r}); make one with `maskfer export RUN DIR`")
@@ -70,7 +70,11 @@ def _model_from_package(pkg: dict, state: dict, source: str) -> tuple[torch.nn.M
         raise PredictorError(f"{source}: field 'classes' {pkg.get('classes')} is not this version's class order "
                              f"{list(CLASSES)}")
     # the weights are in the package: never fetch the run's --pretrained initialisation again
-    cfg = dataclasses.replace(TrainConfig.from_record(pkg["train_config"]), pretrained=None)
+    return dataclasses.replace(TrainConfig.from_record(pkg["train_config"]), pretrained=None)
+
+
+def _model_from_package(pkg: dict, state: dict, source: str) -> tuple[torch.nn.Module, TrainConfig]:
+    cfg = _config_from_package(pkg, source)
     model = create_model(cfg, int(pkg["feat_dim"]))
     try:
         model.load_state_dict(state)
@@ -114,12 +118,9 @@ class Predictor:
         self.encoder = None
         if cfg.method_spec.needs_features and onnx is None:
             enc = package["encoder"]
-            self.encoder = create_encoder(enc["spec"], device=str(device), trust_plugins=trust_plugins,
-                                          source=f"{source} (field encoder.spec)",
-                                          preprocess=enc.get("preprocess") or "clip")
-            if fingerprint(self.encoder.metadata) != enc["fingerprint"]:
-                raise PredictorError(f"encoder {enc['spec']!r} now loads with another fingerprint than {source} was "
-                                     f"trained on ({fingerprint(self.encoder.metadata)} vs {enc['fingerprint']})")
+            self.encoder = create_recorded_encoder(enc["spec"], enc["fingerprint"], str(device), recorded_by=source,
+                                                   trust_plugins=trust_plugins, source=f"{source} (field encoder.spec)",
+                                                   preprocess=enc.get("preprocess") or "clip")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -146,15 +147,10 @@ class Predictor:
             raise PredictorError(f"{folder}: no {CONFIG}; not a model made by `maskfer export`") from None
         except (OSError, json.JSONDecodeError) as e:
             raise PredictorError(f"{cfg_path}: cannot read it ({e})") from None
-        try:
-            state = load_file(str(folder / WEIGHTS))
-        except Exception as e:  # noqa: BLE001 - missing or damaged: the same to the user
-            raise PredictorError(f"{folder / WEIGHTS}: cannot read the weights ({e})") from None
         if backend not in ("torch", "onnx"):
             raise PredictorError(f"unknown backend {backend!r}; known: torch, onnx")
-        dev = resolve_device(device)
-        model, cfg = _model_from_package(pkg, state, str(cfg_path))
         if backend == "onnx":
+            cfg = _config_from_package(pkg, str(cfg_path))
             if not (folder / ONNX_FILE).is_file():
                 raise PredictorError(f"{folder}: no {ONNX_FILE}; export it with `maskfer export RUN DIR --format onnx`")
             onnx = OnnxClassifier(folder / ONNX_FILE)
@@ -162,6 +158,12 @@ class Predictor:
                 raise PredictorError(f"{folder / ONNX_FILE} does not match {cfg_path} (image size {onnx.image_size}, "
                                      f"classes {onnx.classes}); export both again")
             return cls(None, cfg, pkg, torch.device("cpu"), source=str(cfg_path), onnx=onnx, **kw)
+        try:
+            state = load_file(str(folder / WEIGHTS))
+        except Exception as e:  # noqa: BLE001 - missing or damaged: the same to the user
+            raise PredictorError(f"{folder / WEIGHTS}: cannot read the weights ({e})") from None
+        dev = resolve_device(device)
+        model, cfg = _model_from_package(pkg, state, str(cfg_path))
         return cls(model, cfg, pkg, dev, source=str(cfg_path), **kw)
 
     # ------------------------------------------------------------------ inference

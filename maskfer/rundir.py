@@ -44,6 +44,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def share_file(path: Path) -> None:
+    """Give a file written private (mkstemp, safetensors' save_file: mode 0600) the mode a new file gets under
+    the umask: exported models are files to hand on."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -238,3 +238,15 @@ def test_missing_efficientnet_package_is_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)   # makes the import fail
     with pytest.raises(EncoderError, match="pip install efficientnet-lite-pytorch==0.1.0"):
         create_encoder("efficientnet-lite0")
+
+
+def test_a_recorded_encoder_that_now_loads_as_another_is_refused(tiny_clip_dir):
+    from featcache.encoders import FingerprintMismatch, create_recorded_encoder
+
+    fp = fingerprint(create_encoder(str(tiny_clip_dir)).metadata)
+    assert fingerprint(create_recorded_encoder(str(tiny_clip_dir), fp, recorded_by="run r").metadata) == fp
+    with pytest.raises(FingerprintMismatch, match=f"now loads with another fingerprint \\({fp}\\) than run r recorded "
+                                                  "\\(0123456789abcdef\\)"):
+        create_recorded_encoder(str(tiny_clip_dir), "0123456789abcdef", recorded_by="run r")
+    with pytest.raises(FingerprintMismatch):  # the input mode is part of what was recorded
+        create_recorded_encoder(str(tiny_clip_dir), fp, recorded_by="run r", preprocess="official")

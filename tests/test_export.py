@@ -3,6 +3,7 @@ does, in a fresh process, with the run directory gone; the hub path is the same 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,10 @@ def test_the_onnx_backend_feeds_the_exported_graph_what_it_was_exported_for(stor
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.onnx",
                                                                   "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.onnx", "model.safetensors"):  # written private by mkstemp / safetensors, then shared
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     images = sorted((fx_base / "domA" / "test").rglob("*.png"))[:5]
     p = Predictor.from_pretrained(tmp_path / "m", detect="none", backend="onnx")
     got = _probs(p.predict(images))

@@ -8,8 +8,10 @@
 from featcache.encoders.registry import (
     Encoder,
     EncoderError,
+    FingerprintMismatch,
     UntrustedSpecError,
     create_encoder,
+    create_recorded_encoder,
     fingerprint,
     list_encoders,
     register_encoder,
@@ -18,5 +20,6 @@ from featcache.encoders.modes import PREPROCESS_MODES, preprocess_mode
 from featcache.encoders import efficientnet_lite as _efficientnet_lite  # noqa: F401  (registers the name; imports no optional package)
 from featcache.encoders import expression as _expression  # noqa: F401  (pyemotion-fer2013, fer-minixception)
 
-__all__ = ["Encoder", "EncoderError", "UntrustedSpecError", "create_encoder", "fingerprint", "list_encoders", "register_encoder",
+__all__ = ["Encoder", "EncoderError", "FingerprintMismatch", "UntrustedSpecError", "create_encoder",
+           "create_recorded_encoder", "fingerprint", "list_encoders", "register_encoder",
            "PREPROCESS_MODES", "preprocess_mode"]

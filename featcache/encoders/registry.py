@@ -74,6 +74,24 @@ def create_encoder(spec: str | os.PathLike, device: str = "cpu", *, trust_plugin
     return freeze(with_preprocess_mode(enc, preprocess), device)
 
 
+class FingerprintMismatch(EncoderError):
+    """An encoder recorded by a store or a run now loads as another one (other weights, processor or mode)."""
+
+
+def create_recorded_encoder(spec: str | os.PathLike, expected: str, device: str = "cpu", *, recorded_by: str,
+                            trust_plugins: bool = False, source: str | None = None, preprocess: str = "clip") -> Encoder:
+    """:func:`create_encoder` for an encoder that ``recorded_by`` (a store, a run, a model) recorded with
+    fingerprint ``expected``; FingerprintMismatch when it now loads with another, since its features would
+    not be the ones the record was made with."""
+    enc = create_encoder(spec, device, trust_plugins=trust_plugins, source=source, preprocess=preprocess)
+    got = fingerprint(enc.metadata)
+    if got != expected:
+        raise FingerprintMismatch(f"encoder {os.fspath(spec)!r} now loads with another fingerprint ({got}) than "
+                                  f"{recorded_by} recorded ({expected}); its features are not the ones "
+                                  f"{recorded_by} was made with")
+    return enc
+
+
 # Processor keys that name a class rather than change pixels; the same settings saved by another
 # transformers version (CLIPFeatureExtractor vs CLIPImageProcessor) must give the same fingerprint.
 _PROCESSOR_NOISE = {"image_processor_type", "feature_extractor_type", "processor_class", "auto_map"}
