@@ -105,7 +105,7 @@ class Context:
             raise DistributedError(
                 f"--device {requested}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda or auto "
                 "(choose the GPUs with CUDA_VISIBLE_DEVICES)")
-        dev = resolve_device("cuda" if requested == "cuda" else requested)
+        dev = resolve_device(requested)
         if dev.type != "cuda":
             return dev
         count = torch.cuda.device_count()
